@@ -1,0 +1,63 @@
+"""The nanoVLM checkpoint directory: `config.json` + `model.safetensors` (reference section 2).
+
+Framework-free (numpy + safetensors): `torch_ref` and `jaxvlm` both read and write through
+here, so both are equally strict. Reading validates everything before returning; writing
+validates everything before touching the disk and replaces files atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import VLMConfig
+from .mapping import check_keys, expected_shapes
+from .safetensors_io import CheckpointError, load_safetensors, save_safetensors
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def read_config(directory: str | Path, *, strict: bool = True) -> VLMConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a nanoVLM checkpoint directory")
+    try:
+        return VLMConfig.from_json(path, strict=strict)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_checkpoint(directory: str | Path, *, strict_config: bool = True) -> tuple[VLMConfig, dict[str, np.ndarray]]:
+    """Load (config, {checkpoint key: array in torch layout}); every key and shape is checked."""
+    directory = Path(directory)
+    cfg = read_config(directory, strict=strict_config)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    tensors, _ = load_safetensors(weights)
+    check_keys(expected_shapes(cfg), tensors, source=f"{weights} (config {directory / CONFIG_FILE})")
+    return cfg, tensors
+
+
+def write_checkpoint(directory: str | Path, cfg: VLMConfig, tensors: dict[str, np.ndarray]) -> None:
+    """Write `config.json` and `model.safetensors` as upstream's `save_pretrained` does.
+
+    The tensors must be exactly the checkpoint's key set (tied head stored once, as
+    `decoder.head.weight`). Nothing is written unless they are.
+    """
+    directory = Path(directory)
+    check_keys(expected_shapes(cfg), tensors, source="tensors to save")
+    directory.mkdir(parents=True, exist_ok=True)
+    # safetensors' save_model writes {"format": "pt"}; transformers-style loaders expect it.
+    save_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=4))
+    os.replace(tmp, directory / CONFIG_FILE)

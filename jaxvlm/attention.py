@@ -1,0 +1,66 @@
+"""The one attention function of jaxvlm, used by the ViT (bidirectional) and the decoder
+(causal, grouped-query, padding mask, KV cache). Mirrors `torch_ref/attention.py`.
+
+Shapes: B batch, Tq query length, Tk key length, nh query heads, nkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_bias(
+    attention_mask: jax.Array | None,
+    *,
+    causal: bool,
+    q_len: int,
+    k_len: int,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array | None:
+    """Additive float32 bias [B or 1, 1, Tq, Tk] with upstream's semantics, or None.
+
+    Padded keys (mask 0) get finfo.min *added* (not -inf), and the causal mask is -inf on top:
+    a query whose visible keys are all padding then attends uniformly over its causal window,
+    exactly as PyTorch's SDPA does for upstream, instead of producing NaN.
+
+    Example, Tq = Tk = 3, mask [0, 1, 1] (one left pad), m = finfo.min:
+        [[m, -inf, -inf],
+         [m,    0, -inf],
+         [m,    0,    0]]
+    `q_offset` is the position of the first query among the keys (a traced value in decoding):
+    query i sees keys j <= q_offset + i.
+    """
+    bias = None
+    if attention_mask is not None:
+        keep = attention_mask[:, :k_len].astype(bool)
+        bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # (B, 1, 1, Tk)
+    if causal:
+        q_pos = jnp.arange(q_len)[:, None] + q_offset
+        allowed = jnp.arange(k_len)[None, :] <= q_pos  # (Tq, Tk)
+        causal_bias = jnp.where(allowed, 0.0, -jnp.inf)[None, None]
+        bias = causal_bias if bias is None else bias + causal_bias
+    return bias
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    attention_mask: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Scaled dot-product attention, scale 1/sqrt(hd), softmax in float32.
+
+    Args:
+      q: [B, Tq, nh, hd]; k, v: [B, Tk, nkv, hd], nh % nkv == 0. Key head j serves query heads
+        j*g .. j*g+g-1 (g = nh/nkv), the same grouping as torch's `repeat_interleave`.
+      causal, attention_mask, q_offset: see `attention_bias`.
+    Returns:
+      [B, Tq, nh, hd] in q's dtype.
+    """
+    bias = attention_bias(attention_mask, causal=causal, q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset)
+    # XLA's implementation: a plain einsum-softmax-einsum that XLA fuses on every backend.
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")

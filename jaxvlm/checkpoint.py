@@ -1,0 +1,104 @@
+"""jaxvlm <-> nanoVLM checkpoint directories and orbax checkpoints, through `conversion`.
+
+`flat_state` / `load_flat_state` are the only places that touch NNX paths; the mapping table
+in `conversion.mapping` does the rest, in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.checkpoint import CONFIG_FILE, read_checkpoint, read_config, write_checkpoint
+from conversion.config import VLMConfig
+from conversion.mapping import check_keys, jax_to_torch, mapping, torch_to_jax
+from conversion.safetensors_io import CheckpointError
+
+from .layers import ModelDtypes
+
+ORBAX_STATE_DIR = "state"
+
+
+def flat_state(model: nnx.Module) -> dict[tuple, np.ndarray]:
+    """{path: host array} for every variable of the model (params and buffers)."""
+    return {tuple(path): np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def load_flat_state(model: nnx.Module, flat: dict[tuple, np.ndarray], *, source: str) -> None:
+    """Set every variable of `model` from `flat` (strict: same paths, same shapes); each value is
+    cast to the variable's dtype."""
+    state = nnx.state(model)
+    variables = dict(nnx.to_flat_state(state))
+    check_keys({p: tuple(v.shape) for p, v in variables.items()}, flat, source=source)
+    for path, var in variables.items():
+        var.set_value(jnp.asarray(flat[path], dtype=var.dtype))
+    nnx.update(model, state)
+
+
+def abstract_model(cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes()):
+    from .vision_language_model import VisionLanguageModel
+
+    return nnx.eval_shape(lambda: VisionLanguageModel(cfg, dtypes=dtypes, rngs=nnx.Rngs(0)))
+
+
+def model_from_torch_tensors(cfg: VLMConfig, tensors: dict[str, np.ndarray], *, dtypes: ModelDtypes = ModelDtypes(), source: str = "checkpoint"):
+    """Build a jaxvlm model from checkpoint tensors (torch layout, file keys) without random init."""
+    flat = torch_to_jax(cfg, tensors, source=source)
+    model = abstract_model(cfg, dtypes)
+    _materialise(model)
+    load_flat_state(model, flat, source=source)
+    return model
+
+
+def _materialise(model: nnx.Module) -> None:
+    # eval_shape leaves ShapeDtypeStructs; give every variable a real (zero) buffer to overwrite.
+    state = nnx.state(model)
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jnp.zeros(var.shape, var.dtype))
+    nnx.update(model, state)
+
+
+def load_nanovlm(directory, *, dtypes: ModelDtypes = ModelDtypes(), strict_config: bool = True):
+    cfg, tensors = read_checkpoint(directory, strict_config=strict_config)
+    return model_from_torch_tensors(cfg, tensors, dtypes=dtypes, source=str(directory))
+
+
+def save_nanovlm(model, directory) -> None:
+    write_checkpoint(directory, model.cfg, jax_to_torch(model.cfg, flat_state(model)))
+
+
+# ---- orbax (the native jaxvlm format: config.json + an orbax tree of the NNX state) --------
+def save_orbax(model, directory: str | Path) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    state_dir = directory / ORBAX_STATE_DIR
+    if state_dir.exists():
+        raise CheckpointError(f"{state_dir} already exists; choose an empty output directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(state_dir, nnx.state(model))
+    model.cfg.to_json(directory / CONFIG_FILE)
+
+
+def load_orbax(directory: str | Path, *, dtypes: ModelDtypes = ModelDtypes()):
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    cfg = read_config(directory)
+    state_dir = directory / ORBAX_STATE_DIR
+    if not state_dir.is_dir():
+        raise CheckpointError(f"{directory} has no orbax state directory '{ORBAX_STATE_DIR}/'")
+    model = abstract_model(cfg, dtypes)
+    graphdef, abstract_state = nnx.split(model)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(state_dir, abstract_state)
+    except Exception as e:  # orbax raises many types; name the checkpoint and the cause
+        raise CheckpointError(f"cannot restore {state_dir} for config {directory / CONFIG_FILE}: {e}") from None
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,144 @@
+"""Llama/SmolLM2-style decoder in Flax NNX; attribute paths identical to `torch_ref/language_model.py`.
+
+Shapes: B batch, T sequence, H width, nh query heads, nkv kv heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.config import VLMConfig
+
+from .attention import attention
+from .layers import ModelDtypes, linear, normal_002
+
+
+class Buffer(nnx.Variable):
+    """A non-trained array that is part of the checkpoint (torch's persistent buffer)."""
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((cfg.lm_hidden_dim,), dtypes.param))
+        self.eps = cfg.lm_rms_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (h * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    """float32[hd/2]: 1 / base^(2i/hd), computed in float32 like torch_ref."""
+    return (1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+
+
+class RotaryEmbedding(nnx.Module):
+    """cos/sin for rotate-half RoPE. Past `lm_max_position_embeddings` the frequencies are divided
+    by max_pos / lm_max_position_embeddings (upstream's rescale), selected with `jnp.where` so
+    the same compiled code serves every position."""
+
+    def __init__(self, cfg: VLMConfig):
+        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base)))
+        self.original_max_seq_len = cfg.lm_max_position_embeddings
+        self.attention_scaling = cfg.lm_attn_scaling
+
+    def __call__(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """int[B, T] or int[T] -> (cos, sin), float32[..., T, hd]."""
+        inv_freq = self.inv_freq[...].astype(jnp.float32)
+        max_seq = jnp.max(positions) + 1
+        scale = max_seq.astype(jnp.float32) / self.original_max_seq_len
+        inv_freq = jnp.where(max_seq > self.original_max_seq_len, inv_freq / scale, inv_freq)
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb) * self.attention_scaling, jnp.sin(emb) * self.attention_scaling
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary_pos_embd(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, hd]; cos/sin float32[B or 1, T, hd]. Computed in float32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+class LanguageModelGroupedQueryAttention(nnx.Module):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+        H = cfg.lm_hidden_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.lm_n_heads, cfg.lm_n_kv_heads, cfg.lm_head_dim
+        self.q_proj = linear(H, H, False, dtypes, rngs)
+        self.k_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs)
+        self.v_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs)
+        self.out_proj = linear(H, H, False, dtypes, rngs)
+
+    def project_qkv(self, x, cos, sin):
+        """x [B, T, H] -> q [B, T, nh, hd], k, v [B, T, nkv, hd], RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rotary_pos_embd(q, cos, sin), apply_rotary_pos_embd(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, attention_mask=None):
+        """x float[B, T, H] -> float[B, T, H]; causal self-attention over the T positions."""
+        B, T, H = x.shape
+        q, k, v = self.project_qkv(x, cos, sin)
+        y = attention(q, k, v, causal=True, attention_mask=attention_mask)
+        return self.out_proj(y.reshape(B, T, H))
+
+
+class LanguageModelMLP(nnx.Module):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+        H, I = cfg.lm_hidden_dim, cfg.lm_inter_dim
+        self.gate_proj = linear(H, I, False, dtypes, rngs)
+        self.up_proj = linear(H, I, False, dtypes, rngs)
+        self.down_proj = linear(I, H, False, dtypes, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LanguageModelBlock(nnx.Module):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+        self.mlp = LanguageModelMLP(cfg, dtypes, rngs=rngs)
+        self.attn = LanguageModelGroupedQueryAttention(cfg, dtypes, rngs=rngs)
+        self.norm1 = RMSNorm(cfg, dtypes)
+        self.norm2 = RMSNorm(cfg, dtypes)
+
+    def __call__(self, x, cos, sin, attention_mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, attention_mask)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class LanguageModel(nnx.Module):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+        self.token_embedding = nnx.Embed(cfg.lm_vocab_size, cfg.lm_hidden_dim, embedding_init=normal_002,
+                                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs)
+        self.rotary_embd = RotaryEmbedding(cfg)
+        self.blocks = nnx.List([LanguageModelBlock(cfg, dtypes, rngs=rngs) for _ in range(cfg.lm_n_blocks)])
+        self.norm = RMSNorm(cfg, dtypes)
+        self.tie_weights = cfg.lm_tie_weights
+        if not cfg.lm_tie_weights:
+            self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, dtypes, rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float[B, T, H] -> float[B, T, V]; tied: hidden @ token_embedding^T."""
+        if self.tie_weights:
+            return self.token_embedding.attend(hidden)
+        return self.head(hidden)
+
+    def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
+        positions = jnp.arange(x.shape[1])[None]
+        cos, sin = self.rotary_embd(positions)
+        for block in self.blocks:
+            x = block(x, cos, sin, attention_mask)
+        return self.norm(x)

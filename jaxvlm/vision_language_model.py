@@ -1,0 +1,108 @@
+"""The whole nanoVLM in Flax NNX; mirrors `torch_ref/vision_language_model.py`.
+
+Shapes: B batch, T sequence, N_img images (all samples' images concatenated in batch order),
+S image side, L image tokens per image, H language width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.config import VLMConfig
+
+from .language_model import LanguageModel
+from .layers import ModelDtypes
+from .modality_projector import ModalityProjector
+from .vision_transformer import ViT
+
+
+def check_image_tokens(input_ids, n_images: int, cfg: VLMConfig) -> None:
+    """Raise a ValueError unless the prompt has exactly n_images * L image tokens."""
+    n_slots = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
+    if n_slots != n_images * cfg.n_image_tokens:
+        raise ValueError(
+            f"the prompt has {n_slots} image tokens (id {cfg.image_token_id}) but {n_images} image(s) "
+            f"x {cfg.n_image_tokens} tokens each = {n_images * cfg.n_image_tokens} were given"
+        )
+
+
+def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_embd: jax.Array, image_token_id: int) -> jax.Array:
+    """Overwrite the image-token rows of token_embd [B, T, H], in row-major order over the batch,
+    with image_embd [N_img, L, H] flattened to [N_img * L, H]. Shape-static (a cumsum-gather),
+    so it jits once per shape; the count is checked outside jit by `check_image_tokens`."""
+    B, T, H = token_embd.shape
+    is_image = input_ids == image_token_id  # (B, T)
+    flat = image_embd.reshape(-1, H).astype(token_embd.dtype)
+    slot = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image token takes row k
+    gathered = jnp.take(flat, jnp.clip(slot, 0, flat.shape[0] - 1), axis=0).reshape(B, T, H)
+    return jnp.where(is_image[..., None], gathered, token_embd)
+
+
+class VisionLanguageModel(nnx.Module):
+    def __init__(self, cfg: VLMConfig, *, dtypes: ModelDtypes = ModelDtypes(), rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision_encoder = ViT(cfg, dtypes, rngs=rngs)
+        self.decoder = LanguageModel(cfg, dtypes, rngs=rngs)
+        self.MP = ModalityProjector(cfg, dtypes, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array, images: jax.Array | None) -> jax.Array:
+        """int[B, T], float[N_img, 3, S, S] or None -> float[B, T, H] with images merged in."""
+        token_embd = self.decoder.token_embedding(input_ids)
+        if images is None or images.shape[0] == 0:
+            return token_embd
+        image_embd = self.MP(self.vision_encoder(images))  # (N_img, L, H)
+        return merge_image_embeddings(input_ids, token_embd, image_embd, self.cfg.image_token_id)
+
+    def __call__(self, input_ids, images=None, attention_mask=None) -> jax.Array:
+        """Logits float[B, T, V] (the compute dtype).
+
+        Args:
+          input_ids: int[B, T]. images: float[N_img, 3, S, S] in [0, 1], or None.
+          attention_mask: int[B, T], 1 real / 0 padding (left padding), or None.
+        Numpy inputs are accepted; concrete inputs are checked for the image-token count.
+        For speed call it under `nnx.jit` (see `jaxvlm.forward`).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if images is not None:
+            images = jnp.asarray(images)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_image_tokens(input_ids, 0 if images is None else images.shape[0], self.cfg)
+        hidden = self.decoder(self.embed(input_ids, images), attention_mask)
+        return self.decoder.logits(hidden)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, dtypes: ModelDtypes = ModelDtypes(), strict_config: bool = True):
+        """Load a nanoVLM checkpoint directory (config.json + model.safetensors) through `conversion`."""
+        from .checkpoint import load_nanovlm
+
+        return load_nanovlm(directory, dtypes=dtypes, strict_config=strict_config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the nanoVLM directory format that upstream and torch_ref load."""
+        from .checkpoint import save_nanovlm
+
+        save_nanovlm(self, directory)
+
+
+@nnx.jit
+def forward(model: VisionLanguageModel, input_ids, images=None, attention_mask=None) -> jax.Array:
+    """Jitted `model(input_ids, images, attention_mask)`: one compile per input shape."""
+    return model(input_ids, images, attention_mask)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -100) -> jax.Array:
+    """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy)."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != ignore_index
+    safe = jnp.where(valid, targets, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
