@@ -1,12 +1,12 @@
 """nanoVLM checkpoints <-> jaxvlm: config, one mapping table, strict I/O. Imports no framework."""
 
 from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint, read_config, write_checkpoint
-from .config import PRESETS, VLMConfig
+from .config import GROUPS, PRESETS, OptimConfig, VLMConfig
 from .mapping import Entry, expected_shapes, jax_to_torch, mapping, torch_to_jax
 from .safetensors_io import CheckpointError, load_safetensors, save_safetensors
 
 __all__ = [
-    "CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "PRESETS", "CheckpointError", "Entry", "VLMConfig",
+    "CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "GROUPS", "OptimConfig", "PRESETS", "CheckpointError", "Entry", "VLMConfig",
     "expected_shapes", "jax_to_torch", "load_safetensors", "mapping", "read_checkpoint", "read_config",
     "save_safetensors", "torch_to_jax", "write_checkpoint",
 ]

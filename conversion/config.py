@@ -290,3 +290,26 @@ def _legacy_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     if "lm_vocab_size" not in values:
         out["lm_vocab_size"] = base + n_extra
     return out
+
+
+# Parameter groups of the training recipe: upstream's order (train.py: MP, vision, language).
+GROUPS = {"MP": "mp", "vision_encoder": "vision", "decoder": "language"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Upstream's recipe (reference section 6). A group whose lr is 0 is frozen: it gets no
+    gradient, takes no part in clipping and keeps no optimizer state."""
+
+    lr_mp: float = 5.12e-3
+    lr_vision_backbone: float = 5e-5
+    lr_language_backbone: float = 5e-5
+    max_training_steps: int = 40000
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, which upstream uses
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def group_lrs(self) -> dict[str, float]:
+        return {"mp": self.lr_mp, "vision": self.lr_vision_backbone, "language": self.lr_language_backbone}

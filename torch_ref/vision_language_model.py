@@ -96,6 +96,12 @@ class VisionLanguageModel(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def generate(self, input_ids, images, attention_mask=None, **kwargs):
+        """New token ids int64[B, max_new_tokens]: see `torch_ref.generate.generate` (same keywords)."""
+        from .generate import generate
+
+        return generate(self, input_ids, images, attention_mask, **kwargs)
+
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The tensors upstream's `save_model` stores: the tied head once, as decoder.head.weight."""
@@ -133,12 +139,16 @@ class VisionLanguageModel(nn.Module):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{weights} is not a valid safetensors file: {e}") from None
-        check_keys(expected_shapes(cfg), state, source=f"{weights} (config {directory / CONFIG_FILE})",
-                   shape_of=lambda t: tuple(t.shape))
+        return cls.from_state(cfg, state, dtype=dtype, source=f"{weights} (config {directory / CONFIG_FILE})")
+
+    @classmethod
+    def from_state(cls, cfg: VLMConfig, state: dict, *, dtype: torch.dtype = torch.float32, source: str = "state"):
+        """Build a model from checkpoint tensors (file keys; torch tensors or numpy arrays). Strict."""
+        check_keys(expected_shapes(cfg), state, source=source, shape_of=lambda t: tuple(t.shape))
         model = cls(cfg).to(dtype)
         with torch.no_grad():
             params = dict(model.named_parameters(remove_duplicate=False))
             params.update(model.named_buffers())
             for key, value in state.items():
-                params[key].copy_(value)
+                params[key].copy_(torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value)
         return model

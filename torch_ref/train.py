@@ -1,0 +1,58 @@
+"""torch_ref's training recipe, the twin of `jaxvlm/train.py` (upstream nanoVLM's train.py):
+AdamW over three parameter groups, global-norm clipping over all trained parameters, per-group
+warmup + cosine learning rates, gradient accumulation with the loss divided by A."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conversion.config import GROUPS, OptimConfig
+
+from .vision_language_model import VisionLanguageModel
+
+
+def upstream_lr(step: int, max_lr: float, max_steps: int) -> float:
+    """Upstream's `get_lr` (see jaxvlm.train.upstream_lr)."""
+    min_lr, warmup = max_lr * 0.1, max_steps * 0.03
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step > max_steps:
+        return min_lr
+    ratio = (step - warmup) / (max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def make_optimizer(model: VisionLanguageModel, ocfg: OptimConfig) -> torch.optim.AdamW:
+    """One AdamW group per trained module (lr > 0); frozen modules get requires_grad=False."""
+    lrs = ocfg.group_lrs()
+    groups = []
+    for module_name, group in GROUPS.items():
+        params = list(getattr(model, module_name).parameters())
+        if lrs[group] > 0:
+            groups.append({"params": params, "lr": lrs[group], "name": group})
+        else:
+            for p in params:
+                p.requires_grad_(False)
+    return torch.optim.AdamW(groups, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+
+
+def train_step(model: VisionLanguageModel, optimizer: torch.optim.Optimizer, micro_batches: list[dict],
+               step: int, ocfg: OptimConfig) -> dict:
+    """One optimizer update from A micro-batches (dicts of int/float arrays), as upstream."""
+    n_micro = len(micro_batches)
+    losses = []
+    for mb in micro_batches:
+        _, loss = model(mb["input_ids"], mb.get("images"), mb["attention_mask"], targets=mb["labels"])
+        (loss / n_micro).backward()
+        losses.append(loss.item())
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = None
+    if ocfg.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, max_norm=ocfg.max_grad_norm))
+    for g in optimizer.param_groups:
+        g["lr"] = upstream_lr(step, ocfg.group_lrs()[g["name"]], ocfg.max_training_steps)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": sum(losses) / n_micro, "grad_norm": grad_norm}
