@@ -66,9 +66,34 @@ def make_optimizer(ocfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def loss_fn(model: VisionLanguageModel, batch: dict) -> jax.Array:
-    """Mean cross-entropy (float32) of one micro-batch; labels are already shifted."""
-    logits = model(batch["input_ids"], batch.get("images"), batch["attention_mask"])
-    return cross_entropy(logits, batch["labels"])
+    """Mean cross-entropy (float32) of one micro-batch; labels are already shifted.
+
+    With `batch["label_positions"]` int[B, K] (from `label_positions`), the head runs only on
+    those K positions per row: every labelled position is among them, so the loss is the same
+    as over all T positions, without the [B, T, V] logits (the head dominates a small model).
+    """
+    hidden = model.hidden_states(batch["input_ids"], batch.get("images"), batch["attention_mask"])
+    labels = batch["labels"]
+    if "label_positions" in batch:
+        pos = batch["label_positions"]
+        hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # (B, K, H)
+        labels = jnp.take_along_axis(labels, pos, axis=1)  # (B, K)
+    return cross_entropy(model.decoder.logits(hidden), labels)
+
+
+def label_positions(labels: np.ndarray, minimum: int = 8) -> np.ndarray:
+    """Host-side: int32[B, K] positions per row, the labelled ones (label != -100) first, K the
+    smallest power of two >= max labelled count per row (at least `minimum`, at most T), so
+    the step compiles once per (T, N_max, K) bucket."""
+    B, T = labels.shape
+    valid = labels != -100
+    need = int(valid.sum(axis=1).max(initial=0))
+    K = minimum
+    while K < need:
+        K *= 2
+    K = min(K, T)
+    order = np.argsort(~valid, axis=1, kind="stable")  # labelled positions first, in order
+    return order[:, :K].astype(np.int32)
 
 
 @dataclasses.dataclass

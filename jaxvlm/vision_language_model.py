@@ -44,10 +44,11 @@ def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_em
 
 
 class VisionLanguageModel(nnx.Module):
-    def __init__(self, cfg: VLMConfig, *, dtypes: ModelDtypes = ModelDtypes(), rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, *, dtypes: ModelDtypes = ModelDtypes(), remat: bool = False, rngs: nnx.Rngs):
+        """`remat`: rematerialise every ViT and decoder block in the backward pass (less memory)."""
         self.cfg = cfg
-        self.vision_encoder = ViT(cfg, dtypes, rngs=rngs)
-        self.decoder = LanguageModel(cfg, dtypes, rngs=rngs)
+        self.vision_encoder = ViT(cfg, dtypes, rngs=rngs, remat=remat)
+        self.decoder = LanguageModel(cfg, dtypes, rngs=rngs, remat=remat)
         self.MP = ModalityProjector(cfg, dtypes, rngs=rngs)
 
     def embed(self, input_ids: jax.Array, images: jax.Array | None) -> jax.Array:
@@ -74,8 +75,12 @@ class VisionLanguageModel(nnx.Module):
             attention_mask = jnp.asarray(attention_mask)
         if not isinstance(input_ids, jax.core.Tracer):
             check_image_tokens(input_ids, 0 if images is None else images.shape[0], self.cfg)
-        hidden = self.decoder(self.embed(input_ids, images), attention_mask)
-        return self.decoder.logits(hidden)
+        return self.decoder.logits(self.hidden_states(input_ids, images, attention_mask))
+
+    def hidden_states(self, input_ids: jax.Array, images: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None) -> jax.Array:
+        """The decoder's final hidden states float[B, T, H], before the head (no input checks)."""
+        return self.decoder(self.embed(input_ids, images), attention_mask)
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod

@@ -79,8 +79,13 @@ class ViTBlock(nnx.Module):
         return x
 
 
+def _call_block(block, x):
+    return block(x)
+
+
 class ViT(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs, remat: bool = False):
+        self.remat = remat  # recompute each block's activations in the backward pass
         self.patch_embedding = ViTPatchEmbeddings(cfg, dtypes, rngs=rngs)
         self.blocks = nnx.List([ViTBlock(cfg, dtypes, rngs=rngs) for _ in range(cfg.vit_n_blocks)])
         self.layer_norm = layer_norm(cfg, dtypes, rngs)
@@ -88,6 +93,7 @@ class ViT(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D]."""
         x = self.patch_embedding(jnp.asarray(images))
+        call = nnx.remat(_call_block) if self.remat else _call_block
         for block in self.blocks:
-            x = block(x)
+            x = call(block, x)
         return self.layer_norm(x)

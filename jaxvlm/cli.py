@@ -1,0 +1,126 @@
+"""The `jaxvlm` command line: train, eval, generate.
+
+Errors caused by the user's input (missing files, bad checkpoints, bad flags) print one line
+naming the problem and exit 2; `--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    from .training import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "seq_buckets":
+            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                           help="comma-separated sequence lengths, e.g. 64,128,256")
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            p.add_argument(flag, type=base, default=None, help=f"(default: {f.default})")
+
+
+def cmd_train(args) -> int:
+    from .training import RunConfig, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    run = RunConfig.from_file(args.config, **overrides) if args.config else RunConfig(**overrides)
+    summary = train(run)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_nanovlm
+    from .data import SampleEncoder
+    from .evaluation import exact_match, mean_loss
+    from .tokenizer import load_tokenizer
+    from .training import RunConfig, build_dataset, build_loader
+
+    model = load_nanovlm(args.model)
+    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.model)
+    tokenizer = load_tokenizer(tok_path, extra_tokens=model.cfg.extra_tokens)
+    encoder = SampleEncoder.from_config(model.cfg, tokenizer)
+    run = RunConfig(data=args.data, synthetic_size=args.synthetic_size, seed=args.seed, batch_size=args.batch_size,
+                    image_size=args.image_size)
+    dataset = build_dataset(run, model.cfg, encoder, split=args.split)
+    if args.limit:
+        args.limit = min(args.limit, len(dataset))
+    loss = mean_loss(model, build_loader(run, dataset, shuffle=False), max_batches=None if not args.limit else
+                     -(-args.limit // args.batch_size))
+    result = exact_match(model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         limit=args.limit, show=args.show)
+    report = {"split": args.split, "n": result["n"], "loss": loss, "exact_match": result["exact_match"],
+              "examples": result["examples"]}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for ex in result["examples"]:
+            print(f"  {'ok ' if ex['ok'] else 'BAD'} expected {ex['expected']!r:>12} got {ex['got']!r}")
+        print(f"{args.split}: loss {loss:.4f} | exact match {result['exact_match'] * 100:.1f}% of {result['n']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvlm", description="nanoVLM in JAX: train, evaluate, generate.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VLM (from scratch, a nanoVLM checkpoint, or --resume)")
+    t.add_argument("--config", help="JSON file of run settings; flags override it")
+    _add_run_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="loss and exact-match accuracy of greedy answers on a dataset split")
+    e.add_argument("--model", required=True, help="nanoVLM checkpoint directory (with tokenizer.json)")
+    e.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model directory's)")
+    e.add_argument("--data", default="synthetic")
+    e.add_argument("--split", default="heldout", help="synthetic: train or heldout")
+    e.add_argument("--synthetic-size", type=int, default=20000, help="as in training: sets the held-out size too")
+    e.add_argument("--image-size", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    e.add_argument("--show", type=int, default=5, help="print N example answers")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    try:
+        from .generate_cli import add_generate_parser
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_generate_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, FloatingPointError) as e:  # CheckpointError is a ValueError
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

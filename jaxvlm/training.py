@@ -1,0 +1,301 @@
+"""`jaxvlm train`: from files on disk to a checkpoint that answers questions.
+
+Reads top to bottom: build the model, the data and the trainer; restore the latest checkpoint if
+resuming; loop (stack A micro-batches, one jitted step, log); save every N steps and at the end;
+export the weights as a nanoVLM directory with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from conversion.config import OptimConfig, VLMConfig
+
+from .layers import ModelDtypes
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `jaxvlm train` needs; a JSON file of these fields plus flag overrides."""
+
+    output_dir: str = "runs/demo"
+    preset: str = "tiny"  # model shape when not initialising from a checkpoint
+    init_from: str | None = None  # a nanoVLM checkpoint directory to start from
+    tokenizer: str | None = None  # tokenizer.json or its directory (default: the init checkpoint's)
+    data: str = "synthetic"  # synthetic | llava:PATH | cauldron:PATH | coco:DIR
+    synthetic_size: int = 20000
+    image_size: int | None = None  # synthetic picture side (default: the model's tile size)
+    steps: int = 300
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr_mp: float = 5.12e-3
+    lr_vision_backbone: float = 5e-5
+    lr_language_backbone: float = 5e-5
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.01
+    dtype: str = "float32"  # compute dtype; parameters and loss stay float32
+    remat: bool = False
+    seed: int = 0
+    max_length: int = 1024
+    seq_buckets: tuple[int, ...] | None = None
+    save_every: int = 100
+    keep: int = 2
+    log_every: int = 10
+    resume: bool = False
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr_mp=self.lr_mp, lr_vision_backbone=self.lr_vision_backbone,
+                           lr_language_backbone=self.lr_language_backbone, max_training_steps=self.steps,
+                           max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
+        data = json.loads(Path(path).read_text())
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown run config field(s): {', '.join(unknown)}")
+        return cls(**{**data, **overrides})
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+def build_model(run: RunConfig):
+    from .checkpoint import load_nanovlm
+    from .vision_language_model import VisionLanguageModel
+
+    dtypes = ModelDtypes(param=jnp.float32, compute=DTYPES[run.dtype])
+    if run.init_from:
+        model = load_nanovlm(run.init_from, dtypes=dtypes)
+        if run.remat:
+            model.vision_encoder.remat = model.decoder.remat = True
+        return model
+    cfg = VLMConfig.preset(run.preset)
+    return VisionLanguageModel(cfg, dtypes=dtypes, remat=run.remat, rngs=nnx.Rngs(run.seed))
+
+
+def tokenizer_path(run: RunConfig) -> Path:
+    if run.tokenizer:
+        return Path(run.tokenizer)
+    if run.init_from and (Path(run.init_from) / TOKENIZER_FILE).is_file():
+        return Path(run.init_from) / TOKENIZER_FILE
+    raise ValueError("no tokenizer: pass --tokenizer (a tokenizer.json or its directory)")
+
+
+def build_dataset(run: RunConfig, cfg: VLMConfig, encoder, split: str = "train"):
+    from .data import SyntheticShapesDataset, cauldron_dataset, coco_captions_dataset, llava_dataset
+
+    kind, _, path = run.data.partition(":")
+    if kind == "synthetic":
+        size = run.synthetic_size if split == "train" else max(200, run.synthetic_size // 20)
+        return SyntheticShapesDataset(encoder, split=split, size=size, seed=run.seed, image_size=run.image_size)
+    if not path:
+        raise ValueError(f"--data {run.data!r}: expected synthetic, llava:PATH, cauldron:PATH or coco:DIR")
+    if kind == "llava":
+        return llava_dataset(path, encoder)
+    if kind == "cauldron":
+        return cauldron_dataset(path, encoder)
+    if kind == "coco":
+        return coco_captions_dataset(path, encoder)
+    raise ValueError(f"--data {run.data!r}: unknown kind {kind!r} (synthetic, llava, cauldron, coco)")
+
+
+def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
+    from .data import DataLoader
+
+    return DataLoader(dataset, run.batch_size, seq_buckets=run.seq_buckets, max_length=run.max_length,
+                      shuffle=shuffle, seed=run.seed, shape_group=run.grad_accum,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def stack_group(micro_batches: list[dict]) -> dict:
+    """A micro-batches sharing one (T, N_max) -> {input_ids, attention_mask, labels, images,
+    label_positions: [A, ...]} (label_positions padded to the group's largest K)."""
+    from .train import label_positions
+
+    keys = ("input_ids", "attention_mask", "labels", "images")
+    group = {k: np.stack([mb[k] for mb in micro_batches]) for k in keys}
+    all_labels = group["labels"].reshape(-1, group["labels"].shape[-1])
+    pos = label_positions(all_labels)
+    group["label_positions"] = pos.reshape(len(micro_batches), -1, pos.shape[-1])
+    return group
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logged step) and loss_curve.png in the output directory."""
+
+    def __init__(self, directory: Path, resume_step: int):
+        self.path = directory / "metrics.jsonl"
+        rows = []
+        if self.path.exists():  # keep the history up to the step we resume from
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("step", 0) <= resume_step]
+        self.rows = rows
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, path: Path) -> None:
+        from .plotting import plot_curve
+
+        pts = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        if pts:
+            plot_curve(pts, path, title="training loss", xlabel="step", ylabel="loss")
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal, printed every `every` steps otherwise."""
+
+    def __init__(self, total: int, every: int):
+        self.total, self.every, self.tty = total, max(every, 1), sys.stdout.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        width = 24
+        done = int(width * step / max(self.total, 1))
+        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
+        if self.tty:
+            print("\r" + line, end="", flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def train(run: RunConfig) -> dict[str, Any]:
+    """Train as `run` says; returns a summary (final loss, steps, time, tokens/s, paths)."""
+    from .checkpoint import save_nanovlm
+    from .checkpointing import TrainCheckpoints
+    from .data import SampleEncoder
+    from .tokenizer import load_tokenizer
+    from .train import Trainer
+
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+
+    model = build_model(run)
+    cfg = model.cfg
+    tok_path = tokenizer_path(run)
+    tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
+    encoder = SampleEncoder.from_config(cfg, tokenizer)
+    loader = build_loader(run, build_dataset(run, cfg, encoder))
+    trainer = Trainer(model, run.optim())
+    state = trainer.init_state(model)
+    del model
+
+    checkpoints = TrainCheckpoints(ckpt_dir, keep=run.keep)
+    start = 0
+    if run.resume and checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(state)
+        loader.load_state_dict(meta["loader"])
+        start = int(meta["step"])
+        print(f"resumed from {ckpt_dir / str(start)} (step {start})", flush=True)
+    metrics = MetricsLog(out, start)
+
+    def save(step: int) -> None:
+        checkpoints.save(step, state, {"step": step, "loader": loader.state_dict(), "seed": run.seed})
+
+    stop = _StopFlag()
+    batches = loader.forever()
+    progress = Progress(run.steps, run.log_every)
+    t_start, tokens, last = time.perf_counter(), 0, {}
+    step = start
+    try:
+        while step < run.steps and not stop.requested:
+            group = stack_group([next(batches) for _ in range(run.grad_accum)])
+            t0 = time.perf_counter()
+            state, m = trainer.step(state, group)
+            loss = float(m["loss"])  # waits for the step
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):  # nothing is saved from here on: the last checkpoint stays good
+                good = checkpoints.latest_step()
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                                         + (str(ckpt_dir / str(good)) if good is not None else "none saved yet"))
+            step += 1
+            n_tok = int(m["tokens"])
+            tokens += n_tok
+            last = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": n_tok,
+                    "tokens_per_s": n_tok / dt, "step_time_s": dt, "seq_len": int(group["input_ids"].shape[-1]),
+                    **{k: float(v) for k, v in m.items() if k.startswith("lr_")}}
+            if step % run.log_every == 0 or step == run.steps:
+                metrics.add(last)
+            progress.update(step, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
+            if step % run.save_every == 0 and step < run.steps:
+                save(step)
+        progress.close()
+        if stop.requested:
+            print(f"interrupted: saving a checkpoint at step {step} before exiting", flush=True)
+        save(step)
+    finally:
+        stop.restore()
+        checkpoints.close()
+    elapsed = time.perf_counter() - t_start
+
+    final = out / "model"
+    save_nanovlm(trainer.model(state), final)
+    copy_tokenizer(tok_path, final)
+    metrics.plot(out / "loss_curve.png")
+    summary = {"steps": step, "final_loss": last.get("loss"), "train_time_s": elapsed,
+               "tokens_per_s": tokens / elapsed if elapsed else None, "compiles": trainer.compiles,
+               "model_dir": str(final), "interrupted": stop.requested}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Put the tokenizer beside the weights (a tokenizer.json file, or a directory's tokenizer files)."""
+    src = Path(src)
+    if src.is_file():
+        shutil.copyfile(src, dst / TOKENIZER_FILE)
+        src = src.parent
+    for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+
+
+class _StopFlag:
+    """SIGTERM / Ctrl-C ask the loop to stop after the current step (a checkpoint is then saved)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
