@@ -93,6 +93,23 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
         y = attention(q, k, v, causal=True, attention_mask=attention_mask)
         return self.out_proj(y.reshape(B, T, H))
 
+    def extend(self, x, cos, sin, cache, index, attention_mask=None):
+        """Attention through a fixed-size KV cache (prefill and decoding).
+
+        x float[B, Tq, H] occupies cache slots index .. index+Tq-1 (`index` may be traced);
+        cache is (k, v), each [B, Tc, nkv, hd]. The new keys/values are written with
+        `dynamic_update_slice`; the queries attend over all Tc slots, slots after their own
+        hidden by the causal mask (q_offset=index) and padding by attention_mask int[B, Tc].
+        Returns (float[B, Tq, H], updated cache).
+        """
+        B, T, H = x.shape
+        q, k, v = self.project_qkv(x, cos, sin)
+        k_cache, v_cache = cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        y = attention(q, k_cache, v_cache, causal=True, attention_mask=attention_mask, q_offset=index)
+        return self.out_proj(y.reshape(B, T, H)), (k_cache, v_cache)
+
 
 class LanguageModelMLP(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
@@ -117,9 +134,21 @@ class LanguageModelBlock(nnx.Module):
         x = x + self.mlp(self.norm2(x))
         return x
 
+    def extend(self, x, cos, sin, cache, index, attention_mask=None):
+        """`__call__` through a KV cache: see `LanguageModelGroupedQueryAttention.extend`."""
+        y, cache = self.attn.extend(self.norm1(x), cos, sin, cache, index, attention_mask)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, cache
+
+
+def _call_block(block, x, *args):
+    return block(x, *args)
+
 
 class LanguageModel(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs, remat: bool = False):
+        self.remat = remat  # recompute each block's activations in the backward pass
         self.token_embedding = nnx.Embed(cfg.lm_vocab_size, cfg.lm_hidden_dim, embedding_init=normal_002,
                                          dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs)
         self.rotary_embd = RotaryEmbedding(cfg)
@@ -139,6 +168,29 @@ class LanguageModel(nnx.Module):
         """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
         positions = jnp.arange(x.shape[1])[None]
         cos, sin = self.rotary_embd(positions)
+        call = nnx.remat(_call_block) if self.remat else _call_block
         for block in self.blocks:
-            x = block(x, cos, sin, attention_mask)
+            x = call(block, x, cos, sin, attention_mask)
         return self.norm(x)
+
+    # ---- cached decoding (used by jaxvlm.generate) ----------------------------------------------
+    def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
+        """An empty KV cache: per block (k, v), each zeros[B, Tc, nkv, hd] with Tc = length."""
+        shape = (batch_size, length, self.blocks[0].attn.n_kv_heads, self.blocks[0].attn.head_dim)
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
+
+    def extend(self, x, positions, cache, index, attention_mask=None):
+        """Embeddings float[B, Tq, H] at RoPE `positions` int[B or 1, Tq], written to cache slots
+        index .. index+Tq-1 -> (hidden float[B, Tq, H], updated cache).
+
+        Positions and slots are separate so that a prompt left-padded to a bucket keeps
+        upstream's positions (0..T-1 for the original columns); `attention_mask` int[B, Tc]
+        covers every cache slot (0 for padding, 1 for real and future tokens). The RoPE rescale
+        past lm_max_position_embeddings is computed from `positions`, exactly as in `__call__`.
+        """
+        cos, sin = self.rotary_embd(positions)
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache):
+            x, block_cache = block.extend(x, cos, sin, block_cache, index, attention_mask)
+            new_cache.append(block_cache)
+        return self.norm(x), tuple(new_cache)
