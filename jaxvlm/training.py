@@ -61,6 +61,7 @@ class RunConfig:
     keep: int = 2
     log_every: int = 10
     resume: bool = False
+    stop_after: int | None = None  # end this invocation after this many steps (the schedule still spans `steps`)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr_mp=self.lr_mp, lr_vision_backbone=self.lr_vision_backbone,
@@ -227,7 +228,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     t_start, tokens, last = time.perf_counter(), 0, {}
     step = start
     try:
-        while step < run.steps and not stop.requested:
+        end = run.steps if run.stop_after is None else min(run.steps, start + run.stop_after)
+        while step < end and not stop.requested:
             group = stack_group([next(batches) for _ in range(run.grad_accum)])
             t0 = time.perf_counter()
             state, m = trainer.step(state, group)
@@ -246,7 +248,7 @@ def train(run: RunConfig) -> dict[str, Any]:
             if step % run.log_every == 0 or step == run.steps:
                 metrics.add(last)
             progress.update(step, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
-            if step % run.save_every == 0 and step < run.steps:
+            if step % run.save_every == 0 and step < end:
                 save(step)
         progress.close()
         if stop.requested:

@@ -1,0 +1,177 @@
+"""Training: jaxvlm's jitted step vs torch_ref's eager recipe, the label-position loss, compile
+counts per bucket, and the run loop's exact resume.
+
+Tolerances: losses and parameters after 5 optimizer steps equal to 1e-5 relative (per tensor:
+||p_jax - p_torch|| / ||p_torch||), fp32 on CPU with full-precision matmuls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import assert_close, make_batch, random_torch_vlm, record, tiny_cfg
+
+import jaxvlm
+from conversion import OptimConfig, jax_to_torch
+from jaxvlm.checkpoint import flat_state
+from jaxvlm.train import Trainer, label_positions, loss_fn, upstream_lr
+from torch_ref.train import make_optimizer, train_step, upstream_lr as torch_upstream_lr
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZER = SHARED / "data" / "smollm2"
+needs_tokenizer = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").is_file(),
+                                     reason=f"the real SmolLM2 tokenizer is not at {TOKENIZER} (../shared is absent)")
+
+
+def micro_batch(cfg, seed, T=48):
+    """A left-padded micro-batch with 0, 1 and 2 images per row and labels on the last tokens."""
+    ids, images, mask = make_batch(cfg, [(0, 1), (5, 0), (11, 2)], T, seed)
+    rng = np.random.default_rng(seed + 100)
+    labels = np.full(ids.shape, -100, np.int64)
+    for b in range(ids.shape[0]):
+        n = int(rng.integers(3, 9))
+        labels[b, T - n - 1:T - 1] = ids[b, T - n:]  # shifted: label t = next token
+    return {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+            "labels": labels.astype(np.int32), "images": images}
+
+
+def to_torch(mb):
+    return {k: torch.as_tensor(v) if v.dtype == np.float32 else torch.as_tensor(v).long() for k, v in mb.items()}
+
+
+def test_schedules_agree():
+    for max_steps in (5, 100, 1000):
+        for lr in (5e-5, 5.12e-3):
+            for step in range(0, max_steps + 3, max(1, max_steps // 50)):
+                want = torch_upstream_lr(step, lr, max_steps)
+                got = float(upstream_lr(step, lr, max_steps))
+                assert abs(got - want) <= 1e-6 * lr, f"lr at step {step}/{max_steps}: {got} != {want}"
+
+
+def test_label_positions_give_the_full_loss(cfg):
+    tmodel = random_torch_vlm(cfg, 0)
+    model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, {k: v.detach().numpy() for k, v in tmodel.checkpoint_state().items()})
+    mb = micro_batch(cfg, 0)
+    full = float(loss_fn(model, mb))
+    pos = label_positions(mb["labels"])
+    assert pos.shape[1] == 8 and pos.shape[1] < mb["labels"].shape[1]
+    fast = float(loss_fn(model, {**mb, "label_positions": pos}))
+    assert_close("label-position loss vs full loss", np.float64(fast), np.float64(full), 1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_five_steps_match_torch_ref(cfg, accum):
+    """Upstream's recipe (three groups and lrs, clipping at 1.0, warmup + cosine) for 5 steps."""
+    ocfg = OptimConfig(max_training_steps=50)  # warmup 1.5 steps, then cosine
+    tmodel = random_torch_vlm(cfg, 1).train()
+    t64 = copy.deepcopy(tmodel).double()  # float64 torch: how far each fp32 run is from exact
+    opt64 = make_optimizer(t64, ocfg)
+    model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, {k: v.detach().numpy().copy() for k, v in tmodel.checkpoint_state().items()})
+    optimizer = make_optimizer(tmodel, ocfg)
+    trainer = Trainer(model, ocfg)
+    state = trainer.init_state(model)
+    worst_loss = 0.0
+    for step in range(5):
+        mbs = [micro_batch(cfg, 10 * step + a) for a in range(accum)]
+        t_metrics = train_step(tmodel, optimizer, [to_torch(mb) for mb in mbs], step, ocfg)
+        train_step(t64, opt64, [{k: v.double() if v.is_floating_point() else v for k, v in to_torch(mb).items()}
+                                for mb in mbs], step, ocfg)
+        group = {k: np.stack([mb[k] for mb in mbs]) for k in mbs[0]}
+        pos = label_positions(group["labels"].reshape(-1, group["labels"].shape[-1]))
+        group["label_positions"] = pos.reshape(accum, -1, pos.shape[-1])
+        state, j_metrics = trainer.step(state, group)
+        rel = abs(float(j_metrics["loss"]) - t_metrics["loss"]) / abs(t_metrics["loss"])
+        worst_loss = max(worst_loss, rel)
+        assert rel <= 1e-5, f"step {step}: loss {float(j_metrics['loss'])} vs torch {t_metrics['loss']} ({rel:.2e} relative)"
+    want = {k: v.detach().numpy() for k, v in tmodel.checkpoint_state().items()}
+    got = jax_to_torch(cfg, flat_state(trainer.model(state)))
+    errors = {k: np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k]) for k in want}
+    worst = max(errors, key=errors.get)
+    exact = {k: v.detach().numpy() for k, v in t64.checkpoint_state().items()}
+    to_exact = {name: np.linalg.norm(w[worst] - exact[worst]) / np.linalg.norm(exact[worst])
+                for name, w in (("jaxvlm", got), ("torch_ref", want))}
+    record(f"train parity accum={accum}", f"losses {worst_loss:.2e} relative; worst parameter {worst} {errors[worst]:.2e} "
+           f"relative (tol 1e-5); vs float64 torch: jaxvlm {to_exact['jaxvlm']:.2e}, torch_ref fp32 {to_exact['torch_ref']:.2e}")
+    assert errors[worst] <= 1e-5, f"after 5 steps {worst} differs by {errors[worst]:.2e} relative (tol 1e-5)"
+    initial = random_torch_vlm(cfg, 1).checkpoint_state()
+    for k in ("MP.proj.weight", "decoder.head.weight", "vision_encoder.blocks.0.mlp.fc1.weight"):
+        assert not np.array_equal(want[k], initial[k].numpy()), f"training did not change {k}"
+
+
+def test_frozen_groups_keep_no_state_and_do_not_move(cfg):
+    ocfg = OptimConfig(lr_vision_backbone=0.0, max_training_steps=10)
+    model = jaxvlm.VisionLanguageModel(cfg, rngs=nnx.Rngs(0))
+    before = flat_state(model)
+    trainer = Trainer(model, ocfg)
+    state = trainer.init_state(model)
+    assert all(p[0] != "vision_encoder" for p, _ in nnx.to_flat_state(state.params))
+    opt_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
+    assert not any("vision_encoder" in jax.tree_util.keystr(p) for p, _ in opt_leaves), "frozen group has optimizer state"
+    group = {k: v[None] for k, v in micro_batch(cfg, 0).items()}
+    state, _ = trainer.step(state, group)
+    after = flat_state(trainer.model(state))
+    assert all(np.array_equal(before[p], after[p]) for p in before if p[0] == "vision_encoder")
+    assert not np.array_equal(before[("MP", "proj", "kernel")], after[("MP", "proj", "kernel")])
+
+
+def test_one_compile_per_bucket(cfg):
+    model = jaxvlm.VisionLanguageModel(cfg, rngs=nnx.Rngs(0))
+    trainer = Trainer(model, OptimConfig(max_training_steps=10))
+    state = trainer.init_state(model)
+    for seed in range(6):  # two sequence buckets, three batches each, new contents every time
+        mb = micro_batch(cfg, seed, T=48 if seed % 2 else 64)
+        group = {k: v[None] for k, v in mb.items()}
+        group["label_positions"] = label_positions(mb["labels"])[None]
+        state, _ = trainer.step(state, group)
+    record("train step compiles", f"{trainer.compiles} for 6 steps over 2 buckets")
+    assert trainer.compiles == 2
+
+
+# ---- the run loop ---------------------------------------------------------------------------------
+def run_config(out, **kw):
+    from jaxvlm.training import RunConfig
+
+    base = dict(output_dir=str(out), tokenizer=str(TOKENIZER), steps=6, batch_size=4, synthetic_size=64,
+                save_every=2, log_every=1, lr_language_backbone=1e-3, lr_vision_backbone=1e-3, seed=3)
+    return RunConfig(**{**base, **kw})
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_tokenizer
+def test_resume_is_exact(tmp_path):
+    from jaxvlm.training import train
+
+    full = train(run_config(tmp_path / "full", grad_accum=2))
+    part = train(run_config(tmp_path / "part", grad_accum=2, stop_after=3))
+    assert part["steps"] == 3
+    resumed = train(run_config(tmp_path / "part", grad_accum=2, resume=True))
+    assert resumed["steps"] == 6
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b], "resumed losses differ from the uninterrupted run"
+    from conversion import read_checkpoint
+
+    _, wa = read_checkpoint(tmp_path / "full" / "model")
+    _, wb = read_checkpoint(tmp_path / "part" / "model")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa), "resumed final weights differ"
+    assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 1000
+
+
+@needs_tokenizer
+def test_existing_checkpoints_need_resume(tmp_path):
+    from jaxvlm.training import train
+
+    train(run_config(tmp_path, steps=2, save_every=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(run_config(tmp_path, steps=2))
