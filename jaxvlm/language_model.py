@@ -41,8 +41,10 @@ class RotaryEmbedding(nnx.Module):
     by max_pos / lm_max_position_embeddings (upstream's rescale), selected with `jnp.where` so
     the same compiled code serves every position."""
 
-    def __init__(self, cfg: VLMConfig):
-        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base)))
+    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes()):
+        # Stored in the parameter dtype, as torch's `model.to(dtype)` converts buffers too; the
+        # cos/sin are always computed in float32.
+        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base), dtypes.param))
         self.original_max_seq_len = cfg.lm_max_position_embeddings
         self.attention_scaling = cfg.lm_attn_scaling
 
@@ -97,17 +99,19 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
         """Attention through a fixed-size KV cache (prefill and decoding).
 
         x float[B, Tq, H] occupies cache slots index .. index+Tq-1 (`index` may be traced);
-        cache is (k, v), each [B, Tc, nkv, hd]. The new keys/values are written with
-        `dynamic_update_slice`; the queries attend over all Tc slots, slots after their own
-        hidden by the causal mask (q_offset=index) and padding by attention_mask int[B, Tc].
-        Returns (float[B, Tq, H], updated cache).
+        cache is (k, v), each [B, nkv, Tc, hd]: slots contiguous per head, the layout the
+        attention matmuls read without a per-step transposed copy of the cache. The new
+        keys/values are written with `dynamic_update_slice`; the queries attend over all Tc
+        slots, slots after their own hidden by the causal mask (q_offset=index) and padding
+        by attention_mask int[B, Tc]. Returns (float[B, Tq, H], updated cache).
         """
         B, T, H = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         k_cache, v_cache = cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        y = attention(q, k_cache, v_cache, causal=True, attention_mask=attention_mask, q_offset=index)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, index, 0))
+        y = attention(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2), causal=True,
+                      attention_mask=attention_mask, q_offset=index)
         return self.out_proj(y.reshape(B, T, H)), (k_cache, v_cache)
 
 
@@ -151,7 +155,7 @@ class LanguageModel(nnx.Module):
         self.remat = remat  # recompute each block's activations in the backward pass
         self.token_embedding = nnx.Embed(cfg.lm_vocab_size, cfg.lm_hidden_dim, embedding_init=normal_002,
                                          dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs)
-        self.rotary_embd = RotaryEmbedding(cfg)
+        self.rotary_embd = RotaryEmbedding(cfg, dtypes)
         self.blocks = nnx.List([LanguageModelBlock(cfg, dtypes, rngs=rngs) for _ in range(cfg.lm_n_blocks)])
         self.norm = RMSNorm(cfg, dtypes)
         self.tie_weights = cfg.lm_tie_weights
@@ -175,8 +179,8 @@ class LanguageModel(nnx.Module):
 
     # ---- cached decoding (used by jaxvlm.generate) ----------------------------------------------
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> tuple:
-        """An empty KV cache: per block (k, v), each zeros[B, Tc, nkv, hd] with Tc = length."""
-        shape = (batch_size, length, self.blocks[0].attn.n_kv_heads, self.blocks[0].attn.head_dim)
+        """An empty KV cache: per block (k, v), each zeros[B, nkv, Tc, hd] with Tc = length."""
+        shape = (batch_size, self.blocks[0].attn.n_kv_heads, length, self.blocks[0].attn.head_dim)
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
 
     def extend(self, x, positions, cache, index, attention_mask=None):

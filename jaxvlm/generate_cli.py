@@ -1,0 +1,102 @@
+"""`jaxvlm generate`: answer a prompt about images with a checkpoint directory, or a JSONL batch.
+
+  jaxvlm generate --model DIR --image a.jpg [--image b.jpg] --prompt "What is this?"
+  jaxvlm generate --model DIR --batch prompts.jsonl --out answers.jsonl
+
+Batch rows are {"prompt": str, "images": [paths relative to the JSONL file]} (or "image": path);
+each output row adds "answer". The tokenizer is the model directory's tokenizer.json unless
+--tokenizer says otherwise; images go through the same processor as training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="answer a prompt about images (or a JSONL batch of them)")
+    g.add_argument("--model", required=True, help="nanoVLM checkpoint directory")
+    g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model directory's)")
+    g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    g.add_argument("--prompt", help="the user's question")
+    g.add_argument("--batch", help="JSONL file of {prompt, images} rows")
+    g.add_argument("--out", help="where --batch writes its answers (JSONL; default: stdout)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+
+def _load(args):
+    from .checkpoint import load_nanovlm
+    from .data import SampleEncoder
+    from .tokenizer import load_tokenizer
+
+    model = load_nanovlm(args.model)
+    tokenizer = load_tokenizer(Path(args.tokenizer or args.model), extra_tokens=model.cfg.extra_tokens)
+    return model, tokenizer, SampleEncoder.from_config(model.cfg, tokenizer)
+
+
+def _answer(model, tokenizer, prompts: list[dict], args) -> list[str]:
+    from .evaluation import left_pad
+    from .generate import generate
+
+    ids, mask, images = left_pad(prompts, tokenizer.pad_token_id)
+    out = generate(model, ids, images, mask, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    return [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
+            for row in out.tolist()]
+
+
+def _batch_rows(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: a row needs a string 'prompt'")
+        images = row.get("images", [row["image"]] if "image" in row else [])
+        rows.append({"prompt": row["prompt"], "images": [str((path.parent / p)) for p in images], "source": f"{path}:{n}"})
+    if not rows:
+        raise ValueError(f"{path} has no prompts")
+    return rows
+
+
+def cmd_generate(args) -> int:
+    if (args.prompt is None) == (args.batch is None):
+        raise ValueError("give either --prompt (with --image files) or --batch FILE")
+    model, tokenizer, encoder = _load(args)
+    if args.prompt is not None:
+        prompt = encoder.encode_prompt(args.image, args.prompt)
+        print(_answer(model, tokenizer, [prompt], args)[0], flush=True)
+        return 0
+    rows = _batch_rows(Path(args.batch))
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            prompts = []
+            for row in chunk:
+                try:
+                    prompts.append(encoder.encode_prompt(row["images"], row["prompt"]))
+                except (ValueError, OSError) as e:
+                    raise ValueError(f"{row['source']}: {e}") from None
+            for row, answer in zip(chunk, _answer(model, tokenizer, prompts, args)):
+                out.write(json.dumps({"prompt": row["prompt"], "images": row["images"], "answer": answer}) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
