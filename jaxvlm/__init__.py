@@ -2,7 +2,12 @@
 
 from conversion.config import PRESETS, VLMConfig
 
+from .image_processing import ImageProcessor, image_string, load_image
 from .layers import ModelDtypes
+from .tokenizer import Tokenizer, load_tokenizer
 from .vision_language_model import VisionLanguageModel, cross_entropy, forward
 
-__all__ = ["PRESETS", "ModelDtypes", "VLMConfig", "VisionLanguageModel", "cross_entropy", "forward"]
+__all__ = [
+    "PRESETS", "ImageProcessor", "ModelDtypes", "Tokenizer", "VLMConfig", "VisionLanguageModel", "cross_entropy",
+    "forward", "image_string", "load_image", "load_tokenizer",
+]

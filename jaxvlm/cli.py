@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+from conversion.checkpoint import read_config
+
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     from .training import RunConfig
@@ -24,6 +26,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "model":
+            p.add_argument("--model", action="append", metavar="FIELD=VALUE", default=None,
+                           help="override a VLMConfig field of the preset (repeatable), e.g. --model vit_img_size=64")
         elif f.name == "seq_buckets":
             p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                            help="comma-separated sequence lengths, e.g. 64,128,256")
@@ -32,10 +37,22 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=base, default=None, help=f"(default: {f.default})")
 
 
+def _field_value(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"--model {item!r}: expected FIELD=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string
+
+
 def cmd_train(args) -> int:
     from .training import RunConfig, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    if "model" in overrides:
+        overrides["model"] = dict(_field_value(item) for item in overrides["model"])
     run = RunConfig.from_file(args.config, **overrides) if args.config else RunConfig(**overrides)
     summary = train(run)
     print(json.dumps(summary, indent=2))
@@ -73,6 +90,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_synthetic(args) -> int:
+    """Render one synthetic sample to a PNG and print its question and answer (for demos)."""
+    from .data import SampleEncoder, SyntheticShapesDataset
+    from .image_processing import ImageProcessor
+    from .tokenizer import load_tokenizer
+
+    cfg = read_config(args.model)
+    tokenizer = load_tokenizer(Path(args.model), extra_tokens=cfg.extra_tokens)
+    encoder = SampleEncoder(tokenizer, ImageProcessor.from_config(cfg), cfg.n_image_tokens)
+    ds = SyntheticShapesDataset(encoder, split=args.split, size=args.index + 1, seed=args.seed)
+    ds.image(args.index).save(args.out)
+    print(json.dumps({"image": args.out, "question": ds.question(args.index), "answer": ds.answer(args.index)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxvlm", description="nanoVLM in JAX: train, evaluate, generate.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -97,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=5, help="print N example answers")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("synthetic", help="render one synthetic sample (PNG) and print its question and answer")
+    s.add_argument("--model", required=True, help="checkpoint directory (its config sets the picture size)")
+    s.add_argument("--split", default="heldout")
+    s.add_argument("--index", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="PNG path")
+    s.set_defaults(func=cmd_synthetic)
 
     try:
         from .generate_cli import add_generate_parser

@@ -1,0 +1,247 @@
+"""The nanoVLM tokenizer: a Hugging Face `tokenizer.json` plus the VLM's extra tokens and ChatML.
+
+Upstream builds its tokenizer with `transformers.AutoTokenizer.from_pretrained(name,
+extra_special_tokens=cfg.vlm_extra_tokens, chat_template=cfg.lm_chat_template)` and sets
+`pad_token = eos_token`. This module gives the same ids with the `tokenizers` library alone:
+
+- the extra tokens are appended as special tokens after the base vocabulary, in the order
+  given, so with SmolLM2 `<|image|>` = 49152, `<|global_image|>` = 49153,
+  `<row_1_col_1>` = 49154 ... `<row_8_col_8>` = 49217 (reference section 4);
+- the chat template is the fixed ChatML template of `VLMConfig.lm_chat_template`, written out
+  in Python (no jinja2): per message `<|im_start|>{role}\\n{content}<|im_end|>\\n`, then
+  `<|im_start|>assistant\\n` when a generation prompt is asked for. The template stored in the
+  tokenizer's own `tokenizer_config.json` (SmolLM2-Instruct's adds a default system prompt) is
+  ignored, as upstream overrides it too;
+- EOS is the `eos_token` of `tokenizer_config.json` (or `special_tokens_map.json`) when one
+  is present - `<|im_end|>` for the Instruct tokenizers - else `<|endoftext|>`; pad = EOS.
+
+Imports neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import tokenizers
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FALLBACK_EOS = "<|endoftext|>"
+
+
+def _default_extra_tokens() -> tuple[tuple[str, str], ...]:
+    from conversion.config import DEFAULT_EXTRA_TOKENS
+
+    return DEFAULT_EXTRA_TOKENS
+
+
+def _chatml_template() -> str:
+    from conversion.config import CHATML_TEMPLATE
+
+    return CHATML_TEMPLATE
+
+
+def _as_pairs(extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = extra_tokens.items() if isinstance(extra_tokens, Mapping) else extra_tokens
+    pairs = tuple((str(name), str(token)) for name, token in items)
+    names = [n for n, _ in pairs]
+    tokens = [t for _, t in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"extra tokens have duplicate names: {names}")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"extra tokens have duplicate token strings: {tokens}")
+    if any(not t for t in tokens):
+        raise ValueError("extra tokens must be non-empty strings")
+    return pairs
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with nanoVLM's extra tokens, ChatML template and EOS/pad ids.
+
+    Build it with `load_tokenizer(path)` or `from_config(cfg, path)`, not directly.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, base_vocab_size: int,
+                 extra_tokens: tuple[tuple[str, str], ...], eos_token: str, source: str):
+        self.backend = backend
+        self.base_vocab_size = base_vocab_size
+        self.extra_tokens: dict[str, str] = dict(extra_tokens)
+        self.source = source
+        eos_id = backend.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"{source}: eos token {eos_token!r} is not in the vocabulary")
+        self.eos_token = eos_token
+        self._eos_id = eos_id
+        # `<|im_start|>assistant\n`: the prefix that the loss mask skips (upstream's prefix_len).
+        self.assistant_prefix_ids: list[int] = self.encode(f"{IM_START}assistant\n")
+
+    # ---- ids -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary plus every added token (49152 + 66 = 49218 for SmolLM2 + defaults)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def extra_token_ids(self) -> dict[str, int]:
+        return {name: self.base_vocab_size + i for i, name in enumerate(self.extra_tokens)}
+
+    @property
+    def image_token(self) -> str:
+        if "image_token" not in self.extra_tokens:
+            raise ValueError("this tokenizer has no extra token named 'image_token'")
+        return self.extra_tokens["image_token"]
+
+    @property
+    def image_token_id(self) -> int:
+        self.image_token  # raises if absent
+        return self.extra_token_ids["image_token"]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """Upstream sets pad = EOS."""
+        return self._eos_id
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(int(i))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ---- text <-> ids ----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`; no BOS/EOS is added, special and extra tokens in the text are parsed."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list or an integer array); `skip_special_tokens` drops the special
+        tokens, the extra tokens included."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------
+    @staticmethod
+    def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+        """The ChatML text (`VLMConfig.lm_chat_template` rendered without jinja2)."""
+        parts = []
+        for k, m in enumerate(messages):
+            try:
+                role, content = m["role"], m["content"]
+            except (KeyError, TypeError):
+                raise ValueError(f"message {k} must be a mapping with 'role' and 'content', got {m!r}") from None
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise ValueError(f"message {k}: 'role' and 'content' must be strings, got {type(role).__name__} and {type(content).__name__}")
+            parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+        return "".join(parts)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> list[int] | str:
+        """ChatML ids (or text with `tokenize=False`) of `messages` [{"role", "content"}, ...],
+        as `transformers`' `apply_chat_template(..., add_special_tokens=False)` gives them."""
+        text = self.render_chat(messages, add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, extra_tokens={len(self.extra_tokens)}, "
+                f"eos={self.eos_token!r})")
+
+
+def _find_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / TOKENIZER_FILE
+        if not candidate.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in directory {path}")
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return path
+
+
+def _read_eos(directory: Path) -> str | None:
+    """`eos_token` from tokenizer_config.json, else special_tokens_map.json (a str or {"content": ...})."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = directory / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f} is not valid JSON: {e}") from None
+        eos = d.get("eos_token") if isinstance(d, dict) else None
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
+
+
+def load_tokenizer(path: str | Path, extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                   chat_template: str | None = None, *, eos_token: str | None = None) -> Tokenizer:
+    """Load a Hugging Face `tokenizer.json` (the file or its directory) and add the VLM tokens.
+
+    Args:
+      path: `tokenizer.json`, or a directory holding it (and optionally tokenizer_config.json /
+        special_tokens_map.json, read for the EOS token).
+      extra_tokens: name -> token, in id order; default `conversion.config.DEFAULT_EXTRA_TOKENS`
+        (66 tokens). Pass `{}` for none. Each token must get id base + its index: a token that
+        already exists elsewhere in the vocabulary is an error.
+      chat_template: None or `VLMConfig.lm_chat_template`; only that ChatML template is implemented.
+      eos_token: overrides the EOS found in the config files.
+    Raises:
+      FileNotFoundError naming the path; ValueError if the file is not a tokenizer.
+    """
+    if chat_template is not None and " ".join(chat_template.split()) != " ".join(_chatml_template().split()):
+        raise ValueError("only the ChatML chat template (VLMConfig.lm_chat_template) is implemented; got a different template")
+    file = _find_file(path)
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ValueError(f"{file} is not a Hugging Face tokenizer.json: {e}") from None
+
+    pairs = _as_pairs(_default_extra_tokens() if extra_tokens is None else extra_tokens)
+    size_before = backend.get_vocab_size(with_added_tokens=True)
+    # A tokenizer saved with (some of) the extra tokens already at its end keeps their ids.
+    already = next(k for k in range(len(pairs), -1, -1)
+                   if all(backend.token_to_id(t) == size_before - k + i for i, (_, t) in enumerate(pairs[:k])))
+    base = size_before - already
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for _, t in pairs])
+    for i, (name, token) in enumerate(pairs):
+        got = backend.token_to_id(token)
+        if got != base + i:
+            raise ValueError(
+                f"{file}: extra token {name}={token!r} got id {got}, expected {base + i} (base vocabulary {base} + index {i}); "
+                "it collides with a token already in the vocabulary or the extra tokens are in a different order"
+            )
+
+    if eos_token is None:
+        eos_token = _read_eos(file.parent)
+    if eos_token is None:
+        eos_token = FALLBACK_EOS
+        log.info("%s: no eos_token in tokenizer_config.json/special_tokens_map.json, using %s", file, FALLBACK_EOS)
+    return Tokenizer(backend, base_vocab_size=base, extra_tokens=pairs, eos_token=eos_token, source=str(file))
+
+
+def from_config(cfg, path: str | Path) -> Tokenizer:
+    """`load_tokenizer` with the extra tokens and chat template of a `VLMConfig`; checks that the
+    base vocabulary and total size agree with `cfg.lm_base_vocab_size` / `cfg.lm_vocab_size`."""
+    tok = load_tokenizer(path, cfg.vlm_extra_tokens, cfg.lm_chat_template)
+    if tok.base_vocab_size != cfg.lm_base_vocab_size:
+        raise ValueError(f"{tok.source}: base vocabulary {tok.base_vocab_size} != config lm_base_vocab_size {cfg.lm_base_vocab_size}")
+    if tok.vocab_size > cfg.lm_vocab_size:
+        raise ValueError(f"{tok.source}: {tok.vocab_size} tokens do not fit the config's lm_vocab_size {cfg.lm_vocab_size}")
+    return tok
