@@ -39,7 +39,11 @@ class RunConfig:
 
     output_dir: str = "runs/demo"
     preset: str = "tiny"  # model shape when not initialising from a checkpoint
+    model: dict | None = None  # VLMConfig field overrides on the preset, e.g. {"vit_img_size": 64, ...}
     init_from: str | None = None  # a nanoVLM checkpoint directory to start from
+    init_from_hf_vision: str | None = None  # or local Hugging Face backbones (conversion.hf): a SigLIP directory
+    init_from_hf_language: str | None = None  # ... and a SmolLM2 / Llama directory (its tokenizer.json is the default)
+    init_from_hf_settings: str | None = None  # VLM settings for them (conversion.hf.VLM_SETTINGS): JSON object or file
     tokenizer: str | None = None  # tokenizer.json or its directory (default: the init checkpoint's)
     data: str = "synthetic"  # synthetic | llava:PATH | cauldron:PATH | coco:DIR
     synthetic_size: int = 20000
@@ -83,13 +87,43 @@ def build_model(run: RunConfig):
     from .vision_language_model import VisionLanguageModel
 
     dtypes = ModelDtypes(param=jnp.float32, compute=DTYPES[run.dtype])
+    if run.init_from_hf_vision or run.init_from_hf_language:
+        model = _model_from_hf(run, dtypes)
+        if run.remat:
+            model.vision_encoder.remat = model.decoder.remat = True
+        return model
     if run.init_from:
         model = load_nanovlm(run.init_from, dtypes=dtypes)
         if run.remat:
             model.vision_encoder.remat = model.decoder.remat = True
         return model
-    cfg = VLMConfig.preset(run.preset)
+    cfg = VLMConfig.preset(run.preset, **(run.model or {}))
     return VisionLanguageModel(cfg, dtypes=dtypes, remat=run.remat, rngs=nnx.Rngs(run.seed))
+
+
+def _model_from_hf(run: RunConfig, dtypes: ModelDtypes):
+    """The VLM built in memory from two Hugging Face backbone directories (`conversion.hf`):
+    new embedding rows and the projector drawn with `run.seed`."""
+    from conversion.hf import from_hf
+
+    from .checkpoint import model_from_torch_tensors
+
+    if not (run.init_from_hf_vision and run.init_from_hf_language) or run.init_from:
+        raise ValueError("--init-from-hf-vision and --init-from-hf-language go together, and not with --init-from")
+    settings = {}
+    if run.init_from_hf_settings:
+        text = run.init_from_hf_settings
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        try:
+            settings = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--init-from-hf-settings: not a JSON object: {e}") from None
+        if not isinstance(settings, dict):
+            raise ValueError("--init-from-hf-settings: not a JSON object")
+    cfg, tensors = from_hf(run.init_from_hf_vision, run.init_from_hf_language, seed=run.seed, **settings)
+    return model_from_torch_tensors(cfg, tensors, dtypes=dtypes,
+                                    source=f"{run.init_from_hf_vision} + {run.init_from_hf_language}")
 
 
 def tokenizer_path(run: RunConfig) -> Path:
@@ -97,6 +131,8 @@ def tokenizer_path(run: RunConfig) -> Path:
         return Path(run.tokenizer)
     if run.init_from and (Path(run.init_from) / TOKENIZER_FILE).is_file():
         return Path(run.init_from) / TOKENIZER_FILE
+    if run.init_from_hf_language and (Path(run.init_from_hf_language) / TOKENIZER_FILE).is_file():
+        return Path(run.init_from_hf_language) / TOKENIZER_FILE
     raise ValueError("no tokenizer: pass --tokenizer (a tokenizer.json or its directory)")
 
 
