@@ -138,12 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG path")
     s.set_defaults(func=cmd_synthetic)
 
-    try:
-        from .generate_cli import add_generate_parser
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_generate_parser(sub)
+    from .bench import add_bench_parser
+    from .generate_cli import add_generate_parser
+
+    add_generate_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

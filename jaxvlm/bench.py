@@ -1,0 +1,351 @@
+"""`python -m jaxvlm bench`: jaxvlm vs torch_ref on identical weights and batches, in one run.
+
+Each contender runs in its own subprocess (so its peak resident memory is its own), one after
+the other, on the same checkpoint (random weights written once by torch_ref) and the same
+seeded batch:
+
+  matmul        fp32 GEMM throughput of this machine (best of jax / torch / numpy) and the
+                memory bandwidth (a large array copy): the yardsticks for MFU and decode
+  jax-train     the jitted jaxvlm train step (AdamW, clipping, upstream's recipe), fp32
+  torch-train   torch_ref's eager train step (the same recipe)
+  torch-compile torch_ref's step with the model under torch.compile
+  jax-decode    jaxvlm.generate, greedy, batch 1 and 8: decode tokens/s
+  torch-decode  torch_ref.generate (eager, KV cache), the same prompts
+
+Step times are medians over --steps after warm-up; compile time is the first call's time minus
+a step's. MFU = model FLOPs per step (analytic: 3x the forward's matmul and attention FLOPs)
+/ step time / measured matmul FLOP/s. The decode bound is parameter bytes / measured bandwidth
+(weights read once per token). The labels cover every text position, so jaxvlm's
+labelled-positions head does no less work than torch's full head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PARTS = ("matmul", "jax-train", "torch-train", "torch-compile", "jax-decode", "torch-decode")
+
+
+# ---- shared inputs ---------------------------------------------------------------------------------
+def make_batch(cfg, batch_size: int, seq_len: int, images_per_sample: int, seed: int) -> dict:
+    """Row b: [image runs at the start, then text]; labels = next token on every text position."""
+    rng = np.random.default_rng(seed)
+    L = cfg.n_image_tokens
+    if images_per_sample * L >= seq_len:
+        raise ValueError(f"--seq-len {seq_len} cannot hold {images_per_sample} images of {L} tokens")
+    ids = rng.integers(3, cfg.lm_base_vocab_size, (batch_size, seq_len)).astype(np.int32)
+    ids[:, 1:1 + images_per_sample * L] = cfg.image_token_id
+    labels = np.full_like(ids, -100)
+    labels[:, :-1] = np.where(ids[:, 1:] == cfg.image_token_id, -100, ids[:, 1:])
+    n_img = batch_size * images_per_sample
+    images = rng.random((n_img, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels, "images": images}
+
+
+def forward_flops(cfg, batch_size: int, seq_len: int, n_images: int) -> float:
+    """Matmul + attention FLOPs of one forward pass (2 per multiply-add)."""
+    D, I_v, N = cfg.vit_hidden_dim, cfg.vit_inter_dim, cfg.vit_n_patches
+    vit = 2 * N * 3 * cfg.vit_patch_size**2 * D + cfg.vit_n_blocks * (
+        2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I_v + 2 * 2 * N * N * D)
+    mp = 2 * cfg.n_image_tokens * cfg.mp_input_dim * cfg.lm_hidden_dim
+    H, I, T = cfg.lm_hidden_dim, cfg.lm_inter_dim, seq_len
+    kv = cfg.lm_n_kv_heads * cfg.lm_head_dim
+    per_token = cfg.lm_n_blocks * (2 * H * H * 2 + 2 * H * kv * 2 + 3 * 2 * H * I + 2 * 2 * T * H) + 2 * H * cfg.lm_vocab_size
+    return float(n_images * (vit + mp) + batch_size * T * per_token)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def timed(fn, steps: int, warmup: int = 1) -> dict:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"step_s_median": med, "step_s_all": times, "first_call_s": first, "compile_s": max(first - med, 0.0)}
+
+
+# ---- the parts (each runs in its own process) --------------------------------------------------------
+def part_matmul(args, cfg) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    flops = 2 * n**3
+    ja = jnp.asarray(a)
+    f = jax.jit(lambda x: x @ x)
+    f(ja).block_until_ready()
+    t_jax = min(_time(lambda: f(ja).block_until_ready()) for _ in range(5))
+    ta = torch.from_numpy(a)
+    torch.mm(ta, ta)
+    t_torch = min(_time(lambda: torch.mm(ta, ta)) for _ in range(5))
+    t_np = min(_time(lambda: a @ a) for _ in range(3))
+    big = np.ones(64 * 2**20 // 4 * 4, np.float32)  # 256 MiB
+    out = np.empty_like(big)
+    t_copy = min(_time(lambda: np.copyto(out, big)) for _ in range(5))
+    return {"gflops_jax": flops / t_jax / 1e9, "gflops_torch": flops / t_torch / 1e9, "gflops_numpy": flops / t_np / 1e9,
+            "peak_gflops": flops / min(t_jax, t_torch, t_np) / 1e9,
+            "bandwidth_gb_s": 2 * big.nbytes / t_copy / 1e9}  # read + write
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def part_jax_train(args, cfg) -> dict:
+    import jax
+
+    from conversion.config import OptimConfig
+
+    from .checkpoint import load_nanovlm
+    from .train import Trainer, label_positions
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    model = load_nanovlm(args.checkpoint)
+    trainer = Trainer(model, OptimConfig(max_training_steps=1000))
+    holder = {"state": trainer.init_state(model)}
+    del model
+    b = make_batch(cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed)
+    group = {k: v[None] for k, v in b.items()}
+    group["label_positions"] = label_positions(b["labels"])[None]
+    losses = []
+
+    def step():
+        holder["state"], m = trainer.step(holder["state"], group)
+        losses.append(float(m["loss"]))
+
+    out = timed(step, args.steps, warmup=2)
+    return {**out, "losses": losses[:3], "compiles": trainer.compiles}
+
+
+def part_torch_train(args, cfg, compiled: bool = False) -> dict:
+    import torch
+
+    import torch_ref
+    from conversion.config import OptimConfig
+    from torch_ref.train import make_optimizer, train_step
+
+    model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).train()
+    runner = torch.compile(model) if compiled else model
+    ocfg = OptimConfig(max_training_steps=1000)
+    optimizer = make_optimizer(model, ocfg)
+    b = make_batch(cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed)
+    mb = {k: torch.as_tensor(v) if v.dtype == np.float32 else torch.as_tensor(v).long() for k, v in b.items()}
+    losses, counter = [], {"step": 0}
+
+    def step():
+        losses.append(train_step(runner, optimizer, [mb], counter["step"], ocfg)["loss"])
+        counter["step"] += 1
+
+    out = timed(step, args.steps, warmup=2)
+    return {**out, "losses": losses[:3], "threads": torch.get_num_threads()}
+
+
+def _prompts(cfg, batch: int, seed: int):
+    rng = np.random.default_rng(seed)
+    L = cfg.n_image_tokens
+    ids = rng.integers(3, cfg.lm_base_vocab_size, (batch, L + 16)).astype(np.int32)
+    ids[:, 4:4 + L] = cfg.image_token_id
+    images = rng.random((batch, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32)
+    return ids, np.ones_like(ids), images
+
+
+def part_decode(args, cfg, framework: str) -> dict:
+    if framework == "jax":
+        import jax
+
+        from .checkpoint import load_nanovlm
+        from .generate import generate
+
+        model = load_nanovlm(args.checkpoint)
+
+        def gen(ids, mask, images, n):
+            return np.asarray(jax.block_until_ready(generate(model, ids, images, mask, max_new_tokens=n, greedy=True)))
+    else:
+        import torch
+
+        import torch_ref
+        from torch_ref.generate import generate
+
+        model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).eval()
+
+        def gen(ids, mask, images, n):
+            with torch.no_grad():
+                return generate(model, ids, images, mask, max_new_tokens=n, greedy=True).numpy()
+
+    out, N = {}, args.new_tokens
+    for batch in args.decode_batch:
+        ids, mask, images = _prompts(cfg, batch, args.seed)
+        tokens = gen(ids, mask, images, N)  # warm-up (jax compiles here)
+        gen(ids, mask, images, 1)
+        rates = []
+        for _ in range(args.repeats):
+            t1 = _time(lambda: gen(ids, mask, images, 1))
+            tn = _time(lambda: gen(ids, mask, images, N))
+            rates.append(batch * (N - 1) / (tn - t1) if tn > t1 else float("nan"))  # nan: too fast to resolve
+        out.setdefault("batches", {})[str(batch)] = {"decode_tok_s_median": statistics.median(rates), "decode_tok_s_best": max(rates),
+                           "tokens": tokens.tolist()}
+    return out
+
+
+def run_part(name: str, args) -> dict:
+    from conversion.checkpoint import read_config
+
+    cfg = read_config(args.checkpoint)
+    fn = {"matmul": part_matmul, "jax-train": part_jax_train, "torch-train": part_torch_train,
+          "torch-compile": lambda a, c: part_torch_train(a, c, compiled=True),
+          "jax-decode": lambda a, c: part_decode(a, c, "jax"), "torch-decode": lambda a, c: part_decode(a, c, "torch")}[name]
+    result = fn(args, cfg)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# ---- the driver -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvlm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="nanovlm-222m")
+    p.add_argument("--config", help="a nanoVLM config.json instead of --preset")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--images-per-sample", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed train steps (after 2 warm-up steps)")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write all results to this JSON file")
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)  # set by the driver for the parts
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    return p
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="train-step and decode speed of jaxvlm vs torch_ref, side by side",
+                       parents=[build_parser()], add_help=False, conflict_handler="resolve")
+    b.set_defaults(func=lambda args: main_args(args))
+
+
+def main_args(args) -> int:
+    if args.part:  # a child: one part, JSON on the last line of stdout
+        print(json.dumps(run_part(args.part, args)))
+        return 0
+    from conversion.config import VLMConfig
+
+    cfg = VLMConfig.from_json(args.config) if args.config else VLMConfig.preset(args.preset)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_checkpoint(cfg, args.seed, tmp)
+        for part in args.parts:
+            cmd = [sys.executable, "-m", "jaxvlm", "bench", "--part", part, "--checkpoint", tmp,
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                   "--images-per-sample", str(args.images_per_sample), "--steps", str(args.steps),
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
+                   "--decode-batch", *map(str, args.decode_batch)]
+            print(f"bench: {part} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench part {part} failed:\n{proc.stderr[-3000:]}")
+            results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = summarise(cfg, args, results)
+    print(markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _write_checkpoint(cfg, seed: int, directory: str) -> None:
+    import torch
+
+    import torch_ref
+
+    torch.manual_seed(seed)
+    torch_ref.VisionLanguageModel(cfg).save_pretrained(directory)
+
+
+def summarise(cfg, args, r: dict) -> dict:
+    from conversion.mapping import mapping
+
+    n_params = sum(int(np.prod(e.torch_shape)) for e in mapping(cfg))
+    flops = 3 * forward_flops(cfg, args.batch_size, args.seq_len, args.batch_size * args.images_per_sample)
+    peak = r.get("matmul", {}).get("peak_gflops")
+    out = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "preset": args.preset if not args.config else args.config,
+           "shape": {"batch_size": args.batch_size, "seq_len": args.seq_len, "images_per_sample": args.images_per_sample,
+                     "image_size": cfg.vit_img_size, "params": n_params},
+           "train_step_model_gflops": flops / 1e9, "matmul": r.get("matmul"), "train": {}, "decode": {}}
+    for name in ("jax-train", "torch-train", "torch-compile"):
+        if name in r:
+            t = r[name]["step_s_median"]
+            out["train"][name] = {"step_s": t, "tokens_per_s": args.batch_size * args.seq_len / t,
+                                  "compile_s": r[name]["compile_s"], "peak_rss_mb": r[name]["peak_rss_mb"],
+                                  "mfu_vs_measured_matmul": (flops / t / 1e9 / peak) if peak else None,
+                                  "first_losses": r[name]["losses"]}
+    if "jax-train" in r:
+        j = out["train"]["jax-train"]["step_s"]
+        for name in ("torch-train", "torch-compile"):
+            if name in out["train"]:
+                out["train"][name]["jaxvlm_speedup"] = out["train"][name]["step_s"] / j
+    bw = r.get("matmul", {}).get("bandwidth_gb_s")
+    bound = bw * 1e9 / (4 * n_params) if bw else None  # tokens/s per row if weights stream once per token
+    for name in ("jax-decode", "torch-decode"):
+        for batch, d in r.get(name, {}).get("batches", {}).items():
+            out["decode"].setdefault(batch, {})[name] = {
+                "tok_s": d["decode_tok_s_median"], "tok_s_best": d["decode_tok_s_best"], "peak_rss_mb": r[name]["peak_rss_mb"],
+                "fraction_of_bandwidth_bound": d["decode_tok_s_median"] / bound if bound and batch == "1" else None}
+    if "jax-decode" in r and "torch-decode" in r:
+        for batch, d in out["decode"].items():
+            d["jaxvlm_speedup"] = d["jax-decode"]["tok_s"] / d["torch-decode"]["tok_s"]
+            d["same_tokens"] = r["jax-decode"]["batches"][batch]["tokens"] == r["torch-decode"]["batches"][batch]["tokens"]
+    out["decode_bound_tok_s_batch1"] = bound
+    return out
+
+
+def markdown(rep: dict) -> str:
+    s = rep["shape"]
+    lines = [f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
+             f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine']['cpus']} CPUs, "
+             f"load average {rep['machine']['load_average'][0]:.1f}"]
+    if rep["matmul"]:
+        m = rep["matmul"]
+        lines.append(f"measured fp32 matmul: {m['peak_gflops']:.1f} GFLOP/s (jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}, "
+                     f"numpy {m['gflops_numpy']:.1f}); copy bandwidth {m['bandwidth_gb_s']:.1f} GB/s")
+    if rep["train"]:
+        lines += ["", f"train step ({rep['train_step_model_gflops']:.0f} model GFLOP):", "",
+                  "| contender | step (s) | tokens/s | compile (s) | MFU | peak RSS (MB) | jaxvlm speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, t in rep["train"].items():
+            mfu = f"{t['mfu_vs_measured_matmul'] * 100:.0f}%" if t["mfu_vs_measured_matmul"] else "-"
+            sp = f"{t['jaxvlm_speedup']:.2f}x" if "jaxvlm_speedup" in t else "-"
+            lines.append(f"| {name} | {t['step_s']:.2f} | {t['tokens_per_s']:.0f} | {t['compile_s']:.1f} | {mfu} | {t['peak_rss_mb']:.0f} | {sp} |")
+    if rep["decode"]:
+        lines += ["", "greedy decode:", "", "| batch | jaxvlm tok/s | torch_ref tok/s | speed-up | same tokens | jaxvlm vs bandwidth bound |",
+                  "|---:|---:|---:|---:|---|---:|"]
+        for batch, d in rep["decode"].items():
+            j, t = d.get("jax-decode"), d.get("torch-decode")
+            frac = j.get("fraction_of_bandwidth_bound") if j else None
+            lines.append(f"| {batch} | {j['tok_s'] if j else float('nan'):.1f} | {t['tok_s'] if t else float('nan'):.1f} | "
+                         f"{d.get('jaxvlm_speedup', float('nan')):.2f}x | {d.get('same_tokens', '-')} | "
+                         f"{(f'{frac * 100:.0f}%' if frac else '-')} |")
+    return "\n".join(lines)
