@@ -56,8 +56,14 @@ def write_checkpoint(directory: str | Path, cfg: VLMConfig, tensors: dict[str, n
     directory = Path(directory)
     check_keys(expected_shapes(cfg), tensors, source="tensors to save")
     directory.mkdir(parents=True, exist_ok=True)
-    # safetensors' save_model writes {"format": "pt"}; transformers-style loaders expect it.
-    save_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    # Both files are written to temporary names first and only then renamed into place, so a
+    # failed write (a full disk) leaves the previous pair untouched and no partial file.
     tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=4))
-    os.replace(tmp, directory / CONFIG_FILE)
+    try:
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=4))
+        # safetensors' save_model writes {"format": "pt"}; transformers-style loaders expect it.
+        save_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})  # temp file + rename
+        os.replace(tmp, directory / CONFIG_FILE)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,4 +1,4 @@
-"""`python -m conversion {to-jax,to-torch,check,init}`: move weights between frameworks and prove
+"""`python -m conversion {to-jax,to-torch,check,init,from-hf}`: move weights between frameworks and prove
 they agree.
 
   to-jax SRC DST    nanoVLM directory (config.json + model.safetensors) -> orbax checkpoint of
@@ -8,6 +8,10 @@ they agree.
                     inputs (random, or --image/--prompt), print max|diff|, mean KL and top-1
                     agreement of the logits; exit 1 above tolerance.
   init DST          write a randomly initialised nanoVLM directory for a preset.
+  from-hf --vision DIR --language DIR --out DST
+                    a nanoVLM directory from local Hugging Face backbones (SigLIP + SmolLM2 /
+                    Llama): architecture from their config.json, VLM settings from the flags
+                    (upstream's defaults), new rows and the projector N(0, 0.02) (--seed).
 
 Errors print one line naming the problem and exit 2 (`--debug` shows the traceback).
 """
@@ -107,6 +111,40 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def _extra_tokens(value: str):
+    """--extra-tokens: "default" (66 tokens), "legacy" (the single image token), or a JSON
+    object {name: token} given inline or as a file."""
+    from .config import DEFAULT_EXTRA_TOKENS, LEGACY_EXTRA_TOKENS
+
+    if value in ("default", "legacy"):
+        return DEFAULT_EXTRA_TOKENS if value == "default" else LEGACY_EXTRA_TOKENS
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        tokens = json.loads(text)
+    except json.JSONDecodeError:
+        tokens = None
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+        raise argparse.ArgumentTypeError("expected default, legacy, or a JSON object {name: token} (inline or a file)")
+    return tuple(tokens.items())
+
+
+def cmd_from_hf(args) -> int:
+    from .hf import build_from_hf
+
+    settings = {"mp_pixel_shuffle_factor": args.pixel_shuffle_factor, "mp_image_token_length": args.image_token_length,
+                "vit_img_size": args.image_size, "max_img_size": args.max_img_size,
+                "resize_to_max_side_len": args.resize_to_max_side_len, "lm_max_length": args.max_length}
+    if args.extra_tokens is not None:
+        settings["vlm_extra_tokens"] = args.extra_tokens
+    cfg = build_from_hf(args.vision, args.language, args.out, seed=args.seed, dtype=args.dtype,
+                        **{k: v for k, v in settings.items() if v is not None})
+    files = f"{CONFIG_FILE} + {WEIGHTS_FILE}" + (f" + {TOKENIZER_FILE}" if (Path(args.out) / TOKENIZER_FILE).is_file() else " (no tokenizer)")
+    print(f"wrote nanoVLM checkpoint {args.out} ({files}): ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "
+          f"LM {cfg.lm_n_blocks} x {cfg.lm_hidden_dim}, vocabulary {cfg.lm_base_vocab_size} + {cfg.extra_token_amount} extra"
+          f"{'' if cfg.lm_tie_weights else ', untied head'}, {cfg.n_image_tokens} tokens per tile")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m conversion", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -133,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=PRESETS, default="tiny")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_init)
+    s = sub.add_parser("from-hf", help="build a nanoVLM directory from local Hugging Face backbones (SigLIP + Llama)")
+    s.add_argument("--vision", required=True, help="SigLIP / SigLIP2 directory (dual-tower or vision-only)")
+    s.add_argument("--language", required=True, help="SmolLM2 / Llama directory (single or sharded safetensors)")
+    s.add_argument("--out", required=True, help="output nanoVLM directory (must not exist or be empty)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the new embedding rows and the projector")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written tensors")
+    s.add_argument("--pixel-shuffle-factor", type=int, help="mp_pixel_shuffle_factor (default 4)")
+    s.add_argument("--image-token-length", type=int, help="mp_image_token_length (default: derived)")
+    s.add_argument("--extra-tokens", type=_extra_tokens, help="default (66 tokens), legacy (1), or a JSON object")
+    s.add_argument("--image-size", type=int, help="vit_img_size; must be the vision tower's image_size")
+    s.add_argument("--max-img-size", type=int, help="max_img_size (default 2048 with splitting, else the tile size)")
+    s.add_argument("--resize-to-max-side-len", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--max-length", type=int, help="lm_max_length (default 4096)")
+    s.set_defaults(func=cmd_from_hf)
     return p
 
 

@@ -1,0 +1,251 @@
+"""Faults during `jaxvlm train`: SIGKILL at random points, SIGTERM, and resuming.
+
+A tiny run (preset tiny, synthetic data, batch 4, a checkpoint every 2 steps, the last 2 kept)
+is done once without interruption: the reference. Then one output directory is driven
+through 10 SIGKILLs at seeded random moments (during start-up and restore, during steps, during
+checkpoint writes), each followed by `--resume`, until the run completes; after every kill the
+next process must resume from the latest complete checkpoint on disk, and the finished run
+must equal the reference bit for bit (every tensor of model/model.safetensors, every logged
+loss). SIGTERM must stop after the current step with a checkpoint of exactly the steps done.
+
+The subprocesses share a persistent JAX compilation cache, so only the first one compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, record
+from conversion import load_safetensors
+
+SMOLLM2 = ROOT.parent / "shared" / "data" / "smollm2"
+pytestmark = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
+                                reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)")
+
+STEPS, SAVE_EVERY = 24, 2
+ARGS = ["-m", "jaxvlm", "train", "--tokenizer", str(SMOLLM2), "--steps", str(STEPS), "--batch-size", "4",
+        "--synthetic-size", "64", "--save-every", str(SAVE_EVERY), "--keep", "2", "--log-every", "1",
+        "--max-length", "128", "--seed", "1", "--lr-language-backbone", "1e-3", "--lr-vision-backbone", "1e-3"]
+PROGRESS = re.compile(r"^\[[#.]+\] (\d+)/\d+ loss")
+RESUMED = re.compile(r"^resumed from .*/checkpoints/(\d+) \(step (\d+)\)$")
+N_KILLS = 10
+
+
+class Training:
+    """`python -m jaxvlm train ...` in a subprocess whose stdout lines are read as they come."""
+
+    def __init__(self, out: Path, env: dict, *extra: str):
+        self.started = time.time()
+        self.err_path = out.parent / f"{out.name}.stderr.{time.monotonic_ns()}"
+        self.proc = subprocess.Popen([sys.executable, *ARGS, "--output-dir", str(out), *extra], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=self.err_path.open("w"), text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def next_progress(self, timeout: float = 120) -> int | None:
+        """The step of the next progress line, or None when the process has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._q.get(timeout=max(deadline - time.monotonic(), 0.01))
+            if line is None:
+                return None
+            self.lines.append(line)
+            m = PROGRESS.match(line)
+            if m:
+                return int(m.group(1))
+
+    def finish(self, timeout: float = 180) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self._q.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def steps_seen(self) -> int:
+        return max([int(m.group(1)) for m in map(PROGRESS.match, self.lines) if m] or [0])
+
+    def resumed_step(self) -> int | None:
+        found = [int(m.group(2)) for m in map(RESUMED.match, self.lines) if m]
+        return found[0] if found else None
+
+
+def complete_steps(out: Path) -> list[int]:
+    """Checkpoints orbax has finished (a step directory appears only by the final rename)."""
+    d = out / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def final_tensors(out: Path) -> dict[str, np.ndarray]:
+    return load_safetensors(out / "model" / "model.safetensors")[0]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    got, want = final_tensors(out), final_tensors(ref)
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensor(s) differ from the uninterrupted run, e.g. {differ[:3]}"
+    assert losses(out) == losses(ref), "the logged losses differ from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run = Training(out, env)
+    assert run.finish() == 0, run.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+    assert complete_steps(out) == [STEPS - SAVE_EVERY, STEPS]
+    return out
+
+
+def _reach_kill_point(run: Training, wait: int, delay: float) -> bool:
+    """Wait for `wait` progress lines then `delay` seconds (wait 0: a moment of start-up or
+    restore instead). False when the run ends or nears its last step first: a kill after the
+    final checkpoint is test_resume_after_the_final_checkpoint's case."""
+    if wait == 0:
+        time.sleep(1.0 + 3.0 * delay)
+        return True
+    for _ in range(wait):
+        step = run.next_progress()
+        if step is None or step >= STEPS - 3:
+            return False
+    time.sleep(delay)
+    return True
+
+
+def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(reference, env, tmp_path):
+    rng = np.random.default_rng(2024)
+    kills, chains, log = 0, 0, []
+    where = {"start-up or restore": 0, "a step": 0, "a checkpoint write": 0}
+    while kills < N_KILLS:
+        chains += 1
+        out = tmp_path / f"chain{chains}"
+        latest = None  # the latest complete checkpoint on disk
+        while True:
+            run = Training(out, env, "--resume")
+            wait, delay = int(rng.integers(0, 5)), float(rng.uniform(0.0, 0.4 if rng.random() < 0.7 else 1.5))
+            if wait == 0 and (latest or 0) > STEPS - 8:
+                wait = 1
+            if kills < N_KILLS and _reach_kill_point(run, wait, delay) and run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGKILL)
+                run.finish()
+                kills += 1
+                seen, before = run.steps_seen(), latest
+                partial = sorted(p.name for p in (out / "checkpoints").glob("*.orbax-checkpoint-tmp*")
+                                 if p.stat().st_mtime >= run.started) if seen else []  # written by this process
+                where["a checkpoint write" if partial else "a step" if seen else "start-up or restore"] += 1
+                if seen or run.resumed_step() is not None:  # else killed before it had said where it resumed
+                    assert run.resumed_step() == latest, f"kill {kills}: resumed at {run.resumed_step()}, latest checkpoint was {latest}"
+                latest = max(complete_steps(out), default=None)
+                log.append(f"kill {kills}: after {wait} progress line(s) + {delay:.2f} s; resumed at {before}, "
+                           f"reached step {seen}, latest complete checkpoint now {latest}"
+                           + (f", partial {partial} left" if partial else ""))
+                if seen:  # a step's checkpoint is written after its progress line, one every SAVE_EVERY steps
+                    assert seen - SAVE_EVERY <= (latest or 0) <= seen, log[-1]
+                else:
+                    assert latest == before, log[-1]
+                continue
+            code = run.finish()
+            assert code == 0, f"a resumed run failed:\n{run.stderr[-2000:]}"
+            assert run.resumed_step() == latest, f"resumed at {run.resumed_step()}, latest checkpoint was {latest}"
+            log.append(f"chain {chains}: finished from step {latest}")
+            break
+        assert_same_run(out, reference)
+    print("\n".join(log))
+    record("SIGKILL trials", f"{kills} kills over {chains} chain(s) (during {where}): every resume from the latest "
+                             "complete checkpoint; final parameters and losses bit-identical to the uninterrupted run")
+
+
+class KnownBug(AssertionError):
+    """The one failure an xfail below expects; any other failure is reported as a failure."""
+
+
+def _finish_expecting(run: Training, known: str) -> None:
+    code = run.finish()
+    if code != 0 and known in run.stderr:
+        raise KnownBug(run.stderr.strip().splitlines()[-1])
+    assert code == 0, f"failed otherwise than the known bug:\n{run.stderr[-2000:]}"
+
+
+def _sigterm_after(out: Path, env: dict, lines: int, *extra: str) -> Training:
+    run = Training(out, env, *extra)
+    for _ in range(lines):
+        assert run.next_progress() is not None, run.stderr[-2000:]
+    run.proc.send_signal(signal.SIGTERM)
+    return run
+
+
+def test_sigterm_saves_the_steps_done(reference, env, tmp_path):
+    """SIGTERM between checkpoints (only the final one is due): the loop ends after the current
+    step, saves a checkpoint of exactly the steps done, exports the model and exits 0; a resume
+    then finishes the run exactly."""
+    out = tmp_path / "run"
+    run = _sigterm_after(out, env, 5, "--save-every", "1000")
+    assert run.finish() == 0, run.stderr[-2000:]
+    done = run.steps_seen()
+    assert 5 <= done < STEPS
+    assert f"interrupted: saving a checkpoint at step {done} before exiting" in run.lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] == done
+    assert complete_steps(out) == [done]
+    assert (out / "model" / "model.safetensors").is_file()
+    resumed = Training(out, env, "--resume")
+    assert resumed.finish() == 0, resumed.stderr[-2000:]
+    assert resumed.resumed_step() == done
+    assert_same_run(out, reference)
+
+
+@pytest.mark.xfail(strict=True, raises=KnownBug,
+                   reason="jaxvlm/training.py: when SIGTERM stops the loop right after a periodic checkpoint, the exit "
+                          "path saves the same step again and orbax refuses ('Checkpoint for step N already exists'): "
+                          "exit 2, no model exported")
+def test_sigterm_on_a_checkpoint_step(env, tmp_path):
+    out = tmp_path / "run"
+    run = _sigterm_after(out, env, 3, "--save-every", "1")
+    _finish_expecting(run, "already exists")
+    assert max(complete_steps(out)) == run.steps_seen()
+
+
+@pytest.mark.xfail(strict=True, raises=KnownBug,
+                   reason="jaxvlm/training.py: resuming when the final step's checkpoint already exists (a run killed "
+                          "while exporting model/) saves that step again and orbax refuses: 'Checkpoint for step N "
+                          "already exists'")
+def test_resume_after_the_final_checkpoint(reference, env, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "model")  # as if killed while exporting the final model
+    run = Training(out, env, "--resume")
+    _finish_expecting(run, "already exists")
+    assert_same_run(out, reference)
