@@ -19,6 +19,7 @@ Errors print one line naming the problem and exit 2 (`--debug` shows the traceba
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import shutil
 import sys
@@ -188,8 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_logs() -> None:
+    """orbax and jax log through absl, from background threads too; a CLI error is one line."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_library_logs()
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError) as e:  # CheckpointError is a ValueError

@@ -146,9 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_logs() -> None:
+    """orbax and jax log through absl, from background threads too; a CLI error is one line."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_library_logs()
     try:
         return args.func(args)
     except KeyboardInterrupt:
