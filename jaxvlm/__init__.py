@@ -2,6 +2,7 @@
 
 from conversion.config import PRESETS, VLMConfig
 
+from .generate import generate
 from .image_processing import ImageProcessor, image_string, load_image
 from .layers import ModelDtypes
 from .tokenizer import Tokenizer, load_tokenizer
@@ -9,5 +10,5 @@ from .vision_language_model import VisionLanguageModel, cross_entropy, forward
 
 __all__ = [
     "PRESETS", "ImageProcessor", "ModelDtypes", "Tokenizer", "VLMConfig", "VisionLanguageModel", "cross_entropy",
-    "forward", "image_string", "load_image", "load_tokenizer",
+    "forward", "generate", "image_string", "load_image", "load_tokenizer",
 ]

@@ -14,6 +14,7 @@ from conversion.config import VLMConfig
 
 from .attention import attention
 from .layers import ModelDtypes, linear, normal_002
+from .sharding import constrain, logical
 
 
 class Buffer(nnx.Variable):
@@ -22,7 +23,7 @@ class Buffer(nnx.Variable):
 
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs | None = None):
-        self.weight = nnx.Param(jnp.ones((cfg.lm_hidden_dim,), dtypes.param))
+        self.weight = nnx.Param(jnp.ones((cfg.lm_hidden_dim,), dtypes.param), **logical("norm"))
         self.eps = cfg.lm_rms_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -32,8 +33,10 @@ class RMSNorm(nnx.Module):
 
 
 def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """float32[hd/2]: 1 / base^(2i/hd), computed in float32 like torch_ref."""
-    return (1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+    """float32[hd/2]: 1 / base^(2i/hd) with torch_ref's float32 steps (see conversion.hf)."""
+    from conversion.hf import rope_inv_freq as exact
+
+    return exact(head_dim, base)
 
 
 class RotaryEmbedding(nnx.Module):
@@ -44,7 +47,7 @@ class RotaryEmbedding(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes()):
         # Stored in the parameter dtype, as torch's `model.to(dtype)` converts buffers too; the
         # cos/sin are always computed in float32.
-        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base), dtypes.param))
+        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base), dtypes.param), **logical(None))
         self.original_max_seq_len = cfg.lm_max_position_embeddings
         self.attention_scaling = cfg.lm_attn_scaling
 
@@ -75,17 +78,17 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
         H = cfg.lm_hidden_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.lm_n_heads, cfg.lm_n_kv_heads, cfg.lm_head_dim
-        self.q_proj = linear(H, H, False, dtypes, rngs)
-        self.k_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs)
-        self.v_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs)
-        self.out_proj = linear(H, H, False, dtypes, rngs)
+        self.q_proj = linear(H, H, False, dtypes, rngs, axes=("embed", "heads"))
+        self.k_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs, axes=("embed", "kv_heads"))
+        self.v_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs, axes=("embed", "kv_heads"))
+        self.out_proj = linear(H, H, False, dtypes, rngs, axes=("heads", "embed"))
 
     def project_qkv(self, x, cos, sin):
         """x [B, T, H] -> q [B, T, nh, hd], k, v [B, T, nkv, hd], RoPE applied to q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q = constrain(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim), "batch", "length", "heads", None)
+        k = constrain(self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim), "batch", "length", "kv_heads", None)
+        v = constrain(self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim), "batch", "length", "kv_heads", None)
         return apply_rotary_pos_embd(q, cos, sin), apply_rotary_pos_embd(k, cos, sin), v
 
     def __call__(self, x, cos, sin, attention_mask=None):
@@ -118,12 +121,13 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
 class LanguageModelMLP(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
         H, I = cfg.lm_hidden_dim, cfg.lm_inter_dim
-        self.gate_proj = linear(H, I, False, dtypes, rngs)
-        self.up_proj = linear(H, I, False, dtypes, rngs)
-        self.down_proj = linear(I, H, False, dtypes, rngs)
+        self.gate_proj = linear(H, I, False, dtypes, rngs, axes=("embed", "mlp"))
+        self.up_proj = linear(H, I, False, dtypes, rngs, axes=("embed", "mlp"))
+        self.down_proj = linear(I, H, False, dtypes, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), "batch", "length", "mlp")
+        return self.down_proj(h)
 
 
 class LanguageModelBlock(nnx.Module):
@@ -154,19 +158,20 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs, remat: bool = False):
         self.remat = remat  # recompute each block's activations in the backward pass
         self.token_embedding = nnx.Embed(cfg.lm_vocab_size, cfg.lm_hidden_dim, embedding_init=normal_002,
-                                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs)
+                                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs,
+                                         embedding_metadata=logical("vocab", "embed"))
         self.rotary_embd = RotaryEmbedding(cfg, dtypes)
         self.blocks = nnx.List([LanguageModelBlock(cfg, dtypes, rngs=rngs) for _ in range(cfg.lm_n_blocks)])
         self.norm = RMSNorm(cfg, dtypes)
         self.tie_weights = cfg.lm_tie_weights
         if not cfg.lm_tie_weights:
-            self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, dtypes, rngs)
+            self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, dtypes, rngs, axes=("embed", "vocab"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, H] -> float[B, T, V]; tied: hidden @ token_embedding^T."""
         if self.tie_weights:
-            return self.token_embedding.attend(hidden)
-        return self.head(hidden)
+            return constrain(self.token_embedding.attend(hidden), "batch", "length", "vocab")
+        return constrain(self.head(hidden), "batch", "length", "vocab")
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
@@ -174,7 +179,7 @@ class LanguageModel(nnx.Module):
         cos, sin = self.rotary_embd(positions)
         call = nnx.remat(_call_block) if self.remat else _call_block
         for block in self.blocks:
-            x = call(block, x, cos, sin, attention_mask)
+            x = constrain(call(block, x, cos, sin, attention_mask), "batch", "length", None)
         return self.norm(x)
 
     # ---- cached decoding (used by jaxvlm.generate) ----------------------------------------------

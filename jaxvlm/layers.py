@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .sharding import logical
+
 # Upstream's _init_weights: Linear and Embedding weights N(0, 0.02), biases zero, norms one.
 normal_002 = nnx.initializers.normal(stddev=0.02)
 
@@ -31,6 +33,10 @@ def conv_bias_init(fan_in: int):
     return init
 
 
-def linear(d_in: int, d_out: int, bias: bool, dtypes: ModelDtypes, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(d_in: int, d_out: int, bias: bool, dtypes: ModelDtypes, rngs: nnx.Rngs, *,
+           axes: tuple[str | None, str | None]) -> nnx.Linear:
+    """nn.Linear as upstream builds it; `axes`: the logical names of kernel [d_in, d_out] (the
+    bias [d_out] takes the second), see `jaxvlm.sharding.RULES`."""
     return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=normal_002, dtype=dtypes.compute,
-                      param_dtype=dtypes.param, rngs=rngs)
+                      param_dtype=dtypes.param, rngs=rngs, kernel_metadata=logical(*axes),
+                      bias_metadata=logical(axes[1]))

@@ -29,7 +29,8 @@ def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
 class ModalityProjector(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
         self.scale_factor = cfg.mp_pixel_shuffle_factor
-        self.proj = linear(cfg.mp_input_dim, cfg.lm_hidden_dim, False, dtypes, rngs)
+        # [s*s*D, H]: a wide-to-model-width projection, sharded like an MLP's down projection.
+        self.proj = linear(cfg.mp_input_dim, cfg.lm_hidden_dim, False, dtypes, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[N_img, N, D] -> float[N_img, L, H]."""

@@ -3,6 +3,10 @@ with upstream nanoVLM's three parameter groups and per-group warmup + cosine sch
 
 Everything but `train_step` is a named helper. Shapes: A accumulation steps, B micro-batch,
 T sequence (one of a few bucketed lengths), N_max images per micro-batch (bucketed), S side.
+
+On a mesh (`Trainer(model, ocfg, mesh=...)`, see `jaxvlm.sharding`) the same step runs SPMD:
+the state lives sharded as the parameters' logical axes say, `place_batch` makes global batch
+arrays split over the batch axes, and XLA inserts the collectives.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 
 from conversion.config import GROUPS, OptimConfig
 
+from . import sharding
 from .vision_language_model import VisionLanguageModel, cross_entropy
 
 
@@ -72,7 +77,8 @@ def loss_fn(model: VisionLanguageModel, batch: dict) -> jax.Array:
     those K positions per row: every labelled position is among them, so the loss is the same
     as over all T positions, without the [B, T, V] logits (the head dominates a small model).
     """
-    hidden = model.hidden_states(batch["input_ids"], batch.get("images"), batch["attention_mask"])
+    hidden = model.hidden_states(batch["input_ids"], batch.get("images"), batch["attention_mask"],
+                                 batch.get("image_offsets"))
     labels = batch["labels"]
     if "label_positions" in batch:
         pos = batch["label_positions"]
@@ -96,6 +102,13 @@ def label_positions(labels: np.ndarray, minimum: int = 8) -> np.ndarray:
     return order[:, :K].astype(np.int32)
 
 
+def image_offsets(input_ids: np.ndarray, image_token_id: int, n_image_tokens: int, first: int = 0) -> np.ndarray:
+    """Host-side: int32[..., B], the index in `images` of each row's first image (rows' images
+    consecutive from `first`), counted from the image tokens of input_ids int[..., B, T]."""
+    per_row = np.sum(input_ids == image_token_id, axis=-1) // n_image_tokens
+    return (first + np.cumsum(per_row, axis=-1) - per_row).astype(np.int32)
+
+
 @dataclasses.dataclass
 class TrainState:
     """What a step reads and writes. `params`: trained parameters; `rest`: frozen parameters and
@@ -113,23 +126,79 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "res
 class Trainer:
     """Owns the graph definition, the optimizer and the compiled step.
 
-    trainer = Trainer(model, OptimConfig(...)); state = trainer.init_state(model)
-    state, metrics = trainer.step(state, batch)   # batch arrays carry a leading accumulation axis
+    trainer = Trainer(model, OptimConfig(...), mesh=None); state = trainer.init_state(model)
+    state, metrics = trainer.step(state, trainer.place_batch(batch))   # batch: host arrays [A, B, ...]
+
+    With a `mesh` (`jaxvlm.sharding.make_mesh`) the state is placed with the shardings its
+    logical axes give (`state_sharding`: parameters and Adam moments FSDP-sharded on `embed`,
+    heads/MLP/vocab on `tensor`), the step's outputs are pinned to them, and `place_batch`
+    splits the batch rows over (data, fsdp). The step itself is the same code on 1 device or N.
     """
 
-    def __init__(self, model: VisionLanguageModel, ocfg: OptimConfig):
-        self.ocfg = ocfg
+    def __init__(self, model: VisionLanguageModel, ocfg: OptimConfig, mesh: jax.sharding.Mesh | None = None):
+        self.ocfg, self.cfg, self.mesh = ocfg, model.cfg, mesh
         self.tx = make_optimizer(ocfg)
-        self.graphdef, _, _ = nnx.split(model, trainable_filter(ocfg), ...)
+        self.graphdef, params, rest = nnx.split(model, trainable_filter(ocfg), ...)
         self.compiles = 0
-        self.step = jax.jit(self._step, donate_argnums=(0,))
+        self.state_sharding = None
+        out_shardings = None
+        if mesh is not None:
+            abstract = jax.eval_shape(self._new_state, params, rest)
+            self.state_sharding = sharding.tree_shardings(abstract, mesh)
+            out_shardings = (self.state_sharding, sharding.replicated(mesh))
+        self._jit_step = jax.jit(self._step, donate_argnums=(0,), out_shardings=out_shardings)
+
+    def _new_state(self, params, rest) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
 
     def init_state(self, model: VisionLanguageModel) -> TrainState:
+        """The step-0 state; on the mesh when there is one (every process must pass the same model)."""
         _, params, rest = nnx.split(model, trainable_filter(self.ocfg), ...)
-        return TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
+        if self.mesh is None:
+            return self._new_state(params, rest)
+        params, rest = sharding.place((params, rest), (self.state_sharding.params, self.state_sharding.rest))
+        return jax.jit(self._new_state, out_shardings=self.state_sharding)(params, rest)
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer update (jitted, `state` donated); batch from `place_batch`, or host
+        arrays without a mesh."""
+        with sharding.use_mesh(self.mesh):
+            return self._jit_step(state, batch)
+
+    def place_batch(self, batch: dict[str, np.ndarray]) -> dict:
+        """This process's host batch {key: [A, B_local, ...]} -> what `step` takes.
+
+        Adds `image_offsets` [A, B] (where each row's images start in the global `images`).
+        With a mesh: global arrays split over the batch axes (`sharding.shard_batch`). With
+        several processes the global batch is the processes' blocks in process order, so the
+        offsets of process p start at p * N_max; local images are padded with zero images to
+        a multiple of the batch shards per process (never read), and `label_positions` are
+        widened to the largest K of any process, so that every process has the same shapes."""
+        batch = dict(batch)
+        n_proc, pid = jax.process_count(), jax.process_index()
+        if n_proc > 1 and self.mesh is not None:
+            per_proc = sharding.batch_rows_per_process(self.mesh)
+            if batch["input_ids"].shape[1] % per_proc:
+                raise ValueError(f"{batch['input_ids'].shape[1]} batch rows per process do not split over this "
+                                 f"process's {per_proc} batch shards: use a batch size that is a multiple of {per_proc}")
+            if "images" in batch and batch["images"].shape[1] % per_proc:
+                images = batch["images"]
+                pad = per_proc - images.shape[1] % per_proc
+                batch["images"] = np.concatenate([images, np.zeros((images.shape[0], pad) + images.shape[2:], images.dtype)], 1)
+            if "label_positions" in batch:
+                batch["label_positions"] = _agree_label_positions(batch["labels"], batch["label_positions"])
+        if "images" in batch:
+            batch["image_offsets"] = image_offsets(batch["input_ids"], self.cfg.image_token_id,
+                                                   self.cfg.n_image_tokens, first=pid * batch["images"].shape[1])
+        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
 
     def model(self, state: TrainState) -> VisionLanguageModel:
         return nnx.merge(self.graphdef, state.params, state.rest)
+
+    def host_model(self, state: TrainState) -> VisionLanguageModel:
+        """The model with every array gathered to host memory (a collective: every process calls it)."""
+        params, rest = sharding.gather((state.params, state.rest))
+        return nnx.merge(self.graphdef, params, rest)
 
     def _micro_grads(self, params, rest, micro):
         def f(p):
@@ -144,9 +213,9 @@ class Trainer:
 
         def accumulate(grads, micro):
             loss, g = self._micro_grads(state.params, state.rest, micro)
-            return jax.tree.map(lambda a, b: a + b / n_micro, grads, g), loss
+            return self._like_params(jax.tree.map(lambda a, b: a + b / n_micro, grads, g)), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = self._like_params(jax.tree.map(jnp.zeros_like, state.params))
         grads, losses = jax.lax.scan(accumulate, zeros, batch)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -156,6 +225,24 @@ class Trainer:
                    **{f"lr_{g}": upstream_lr(state.step, lr, self.ocfg.max_training_steps)
                       for g, lr in self.ocfg.group_lrs().items() if lr > 0}}
         return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+
+    def _like_params(self, tree):
+        """Pin a params-shaped tree (gradients) to the parameters' shardings: with FSDP each
+        micro-batch's gradients are reduce-scattered onto the parameter shards."""
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, self.state_sharding.params)
+
+
+def _agree_label_positions(labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """label_positions [A, B, K] widened to the largest K of any process (a host collective)."""
+    from jax.experimental import multihost_utils
+
+    K = int(np.max(multihost_utils.process_allgather(np.int32(positions.shape[-1]))))
+    if K == positions.shape[-1]:
+        return positions
+    A, B, T = labels.shape
+    return label_positions(labels.reshape(A * B, T), minimum=K).reshape(A, B, -1)
 
 
 def stack_micro_batches(micro_batches: list[dict]) -> dict:

@@ -27,6 +27,7 @@ from conversion.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from conversion.config import OptimConfig, VLMConfig
 
 from .layers import ModelDtypes
+from .sharding import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,24 @@ class RunConfig:
     log_every: int = 10
     resume: bool = False
     stop_after: int | None = None  # end this invocation after this many steps (the schedule still spans `steps`)
+    # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
+    # Default: every device on fsdp (params and optimizer state split, batch rows split).
+    mesh_data: int = 1
+    mesh_fsdp: int = -1
+    mesh_tensor: int = 1
+    # Processes (jax.distributed); unset: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    # `batch_size` is per process: the global batch is num_processes x batch_size rows.
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr_mp=self.lr_mp, lr_vision_backbone=self.lr_vision_backbone,
                            lr_language_backbone=self.lr_language_backbone, max_training_steps=self.steps,
                            max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay)
+
+    def mesh(self) -> MeshConfig:
+        return MeshConfig(data=self.mesh_data, fsdp=self.mesh_fsdp, tensor=self.mesh_tensor)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
@@ -178,19 +192,22 @@ def stack_group(micro_batches: list[dict]) -> dict:
 class MetricsLog:
     """metrics.jsonl (one line per logged step) and loss_curve.png in the output directory."""
 
-    def __init__(self, directory: Path, resume_step: int):
+    def __init__(self, directory: Path, resume_step: int, write: bool = True):
         self.path = directory / "metrics.jsonl"
+        self.write = write  # one writer per file: False on all but process 0
         rows = []
         if self.path.exists():  # keep the history up to the step we resume from
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r.get("step", 0) <= resume_step]
         self.rows = rows
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if write:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.write:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def plot(self, path: Path) -> None:
         from .plotting import plot_curve
@@ -226,15 +243,19 @@ def train(run: RunConfig) -> dict[str, Any]:
     from .checkpoint import save_nanovlm
     from .checkpointing import TrainCheckpoints
     from .data import SampleEncoder
+    from .sharding import initialize_distributed, make_mesh
     from .tokenizer import load_tokenizer
     from .train import Trainer
 
+    initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)  # before any device use
+    primary = jax.process_index() == 0  # writes the side files; every process writes its checkpoint shards
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
-    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+    if primary:
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
 
     model = build_model(run)
     cfg = model.cfg
@@ -242,7 +263,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
     loader = build_loader(run, build_dataset(run, cfg, encoder))
-    trainer = Trainer(model, run.optim())
+    trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
 
@@ -253,7 +274,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
         print(f"resumed from {ckpt_dir / str(start)} (step {start})", flush=True)
-    metrics = MetricsLog(out, start)
+    metrics = MetricsLog(out, start, write=primary)
 
     def save(step: int) -> None:
         checkpoints.save(step, state, {"step": step, "loader": loader.state_dict(), "seed": run.seed})
@@ -268,7 +289,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         while step < end and not stop.requested:
             group = stack_group([next(batches) for _ in range(run.grad_accum)])
             t0 = time.perf_counter()
-            state, m = trainer.step(state, group)
+            state, m = trainer.step(state, trainer.place_batch(group))
             loss = float(m["loss"])  # waits for the step
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):  # nothing is saved from here on: the last checkpoint stays good
@@ -296,13 +317,15 @@ def train(run: RunConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
 
     final = out / "model"
-    save_nanovlm(trainer.model(state), final)
-    copy_tokenizer(tok_path, final)
-    metrics.plot(out / "loss_curve.png")
+    final_model = trainer.host_model(state)  # gathered from every process's shards
     summary = {"steps": step, "final_loss": last.get("loss"), "train_time_s": elapsed,
                "tokens_per_s": tokens / elapsed if elapsed else None, "compiles": trainer.compiles,
                "model_dir": str(final), "interrupted": stop.requested}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if primary:
+        save_nanovlm(final_model, final)
+        copy_tokenizer(tok_path, final)
+        metrics.plot(out / "loss_curve.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

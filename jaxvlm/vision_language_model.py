@@ -18,6 +18,7 @@ from conversion.config import VLMConfig
 from .language_model import LanguageModel
 from .layers import ModelDtypes
 from .modality_projector import ModalityProjector
+from .sharding import constrain
 from .vision_transformer import ViT
 
 
@@ -31,14 +32,24 @@ def check_image_tokens(input_ids, n_images: int, cfg: VLMConfig) -> None:
         )
 
 
-def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_embd: jax.Array, image_token_id: int) -> jax.Array:
+def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_embd: jax.Array, image_token_id: int,
+                           image_offsets: jax.Array | None = None) -> jax.Array:
     """Overwrite the image-token rows of token_embd [B, T, H], in row-major order over the batch,
     with image_embd [N_img, L, H] flattened to [N_img * L, H]. Shape-static (a cumsum-gather),
-    so it jits once per shape; the count is checked outside jit by `check_image_tokens`."""
+    so it jits once per shape; the count is checked outside jit by `check_image_tokens`.
+
+    `image_offsets` int[B]: the index in image_embd of each row's first image, when the rows'
+    images are not simply consecutive (a global batch made of per-process blocks, each with its
+    own padding images: process p's images start at p * N_max). Row b's j-th image token then
+    takes flat row image_offsets[b] * L + j. None: the k-th image token of the batch takes row k.
+    """
     B, T, H = token_embd.shape
     is_image = input_ids == image_token_id  # (B, T)
     flat = image_embd.reshape(-1, H).astype(token_embd.dtype)
-    slot = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image token takes row k
+    if image_offsets is None:
+        slot = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image token takes row k
+    else:
+        slot = image_offsets[:, None] * image_embd.shape[1] + jnp.cumsum(is_image, axis=1) - 1
     gathered = jnp.take(flat, jnp.clip(slot, 0, flat.shape[0] - 1), axis=0).reshape(B, T, H)
     return jnp.where(is_image[..., None], gathered, token_embd)
 
@@ -51,13 +62,15 @@ class VisionLanguageModel(nnx.Module):
         self.decoder = LanguageModel(cfg, dtypes, rngs=rngs, remat=remat)
         self.MP = ModalityProjector(cfg, dtypes, rngs=rngs)
 
-    def embed(self, input_ids: jax.Array, images: jax.Array | None) -> jax.Array:
-        """int[B, T], float[N_img, 3, S, S] or None -> float[B, T, H] with images merged in."""
-        token_embd = self.decoder.token_embedding(input_ids)
+    def embed(self, input_ids: jax.Array, images: jax.Array | None, image_offsets: jax.Array | None = None) -> jax.Array:
+        """int[B, T], float[N_img, 3, S, S] or None -> float[B, T, H] with images merged in
+        (`image_offsets` int[B] or None: see `merge_image_embeddings`)."""
+        token_embd = constrain(self.decoder.token_embedding(input_ids), "batch", "length", None)
         if images is None or images.shape[0] == 0:
             return token_embd
         image_embd = self.MP(self.vision_encoder(images))  # (N_img, L, H)
-        return merge_image_embeddings(input_ids, token_embd, image_embd, self.cfg.image_token_id)
+        merged = merge_image_embeddings(input_ids, token_embd, image_embd, self.cfg.image_token_id, image_offsets)
+        return constrain(merged, "batch", "length", None)
 
     def __call__(self, input_ids, images=None, attention_mask=None) -> jax.Array:
         """Logits float[B, T, V] (the compute dtype).
@@ -78,9 +91,9 @@ class VisionLanguageModel(nnx.Module):
         return self.decoder.logits(self.hidden_states(input_ids, images, attention_mask))
 
     def hidden_states(self, input_ids: jax.Array, images: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None) -> jax.Array:
+                      attention_mask: jax.Array | None = None, image_offsets: jax.Array | None = None) -> jax.Array:
         """The decoder's final hidden states float[B, T, H], before the head (no input checks)."""
-        return self.decoder(self.embed(input_ids, images), attention_mask)
+        return self.decoder(self.embed(input_ids, images, image_offsets), attention_mask)
 
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod

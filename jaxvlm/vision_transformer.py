@@ -13,6 +13,7 @@ from conversion.config import VLMConfig
 
 from .attention import attention
 from .layers import ModelDtypes, conv_bias_init, linear
+from .sharding import constrain, logical
 
 
 class ViTPatchEmbeddings(nnx.Module):
@@ -23,9 +24,11 @@ class ViTPatchEmbeddings(nnx.Module):
             3, D, kernel_size=(P, P), strides=(P, P), padding="VALID", use_bias=True,
             kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
             bias_init=conv_bias_init(3 * P * P), dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs,
+            kernel_metadata=logical("patch", "patch", "patch", "embed"), bias_metadata=logical("embed"),
         )
         self.position_embedding = nnx.Param(
-            jax.random.uniform(rngs.params(), (1, cfg.vit_n_patches, D), dtypes.param)  # torch.rand
+            jax.random.uniform(rngs.params(), (1, cfg.vit_n_patches, D), dtypes.param),  # torch.rand
+            **logical(None, "length", "embed"),
         )
         self.dtype = dtypes.compute
 
@@ -40,30 +43,33 @@ class ViTMultiHeadAttention(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes, *, rngs: nnx.Rngs):
         D = cfg.vit_hidden_dim
         self.n_heads = cfg.vit_n_heads
-        self.qkv_proj = linear(D, 3 * D, True, dtypes, rngs)
-        self.out_proj = linear(D, D, True, dtypes, rngs)
+        self.qkv_proj = linear(D, 3 * D, True, dtypes, rngs, axes=("embed", "qkv"))
+        self.out_proj = linear(D, D, True, dtypes, rngs, axes=("heads", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
         q, k, v = jnp.split(self.qkv_proj(x), 3, axis=-1)  # fused in the order q, k, v
-        q, k, v = (t.reshape(B, T, self.n_heads, C // self.n_heads) for t in (q, k, v))
+        q, k, v = (constrain(t.reshape(B, T, self.n_heads, C // self.n_heads), "batch", "length", "heads", None)
+                   for t in (q, k, v))
         y = attention(q, k, v, causal=False)  # (B, T, nh, hd)
         return self.out_proj(y.reshape(B, T, C))
 
 
 class ViTMLP(nnx.Module):
     def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes, *, rngs: nnx.Rngs):
-        self.fc1 = linear(cfg.vit_hidden_dim, cfg.vit_inter_dim, True, dtypes, rngs)
-        self.fc2 = linear(cfg.vit_inter_dim, cfg.vit_hidden_dim, True, dtypes, rngs)
+        self.fc1 = linear(cfg.vit_hidden_dim, cfg.vit_inter_dim, True, dtypes, rngs, axes=("embed", "mlp"))
+        self.fc2 = linear(cfg.vit_inter_dim, cfg.vit_hidden_dim, True, dtypes, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # torch GELU(approximate="tanh")
+        h = jax.nn.gelu(self.fc1(x), approximate=True)  # torch GELU(approximate="tanh")
+        return self.fc2(constrain(h, "batch", "length", "mlp"))
 
 
 def layer_norm(cfg: VLMConfig, dtypes: ModelDtypes, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Spelled out: torch's eps default differs, and nnx's fast variance is not torch's formula.
     return nnx.LayerNorm(cfg.vit_hidden_dim, epsilon=cfg.vit_ln_eps, use_fast_variance=False,
-                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs)
+                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs,
+                         scale_metadata=logical("norm"), bias_metadata=logical("norm"))
 
 
 class ViTBlock(nnx.Module):
@@ -94,6 +100,7 @@ class ViT(nnx.Module):
         """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D]."""
         x = self.patch_embedding(jnp.asarray(images))
         call = nnx.remat(_call_block) if self.remat else _call_block
+        x = constrain(x, "batch", "length", None)
         for block in self.blocks:
-            x = call(block, x)
+            x = constrain(call(block, x), "batch", "length", None)
         return self.layer_norm(x)

@@ -31,6 +31,11 @@ needs_tokenizer = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").is_file(
                                      reason=f"the real SmolLM2 tokenizer is not at {TOKENIZER} (../shared is absent)")
 
 
+@pytest.fixture
+def cfg():
+    return tiny_cfg()
+
+
 def micro_batch(cfg, seed, T=48):
     """A left-padded micro-batch with 0, 1 and 2 images per row and labels on the last tokens."""
     ids, images, mask = make_batch(cfg, [(0, 1), (5, 0), (11, 2)], T, seed)
