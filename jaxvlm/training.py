@@ -67,6 +67,8 @@ class RunConfig:
     log_every: int = 10
     resume: bool = False
     stop_after: int | None = None  # end this invocation after this many steps (the schedule still spans `steps`)
+    on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
+    on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
     # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
     # Default: every device on fsdp (params and optimizer state split, batch rows split).
     mesh_data: int = 1
@@ -173,6 +175,7 @@ def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
 
     return DataLoader(dataset, run.batch_size, seq_buckets=run.seq_buckets, max_length=run.max_length,
                       shuffle=shuffle, seed=run.seed, shape_group=run.grad_accum,
+                      on_error=run.on_error, on_too_long=run.on_too_long,
                       process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -254,8 +257,6 @@ def train(run: RunConfig) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
-    if primary:
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
 
     model = build_model(run)
     cfg = model.cfg
@@ -263,6 +264,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
     loader = build_loader(run, build_dataset(run, cfg, encoder))
+    if primary:  # only once the model and the data have loaded
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
     trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
@@ -292,14 +295,16 @@ def train(run: RunConfig) -> dict[str, Any]:
             state, m = trainer.step(state, trainer.place_batch(group))
             loss = float(m["loss"])  # waits for the step
             dt = time.perf_counter() - t0
-            if not math.isfinite(loss):  # nothing is saved from here on: the last checkpoint stays good
+            grad_norm = float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is saved from here on
                 good = checkpoints.latest_step()
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+                raise FloatingPointError(f"{what} at step {step + 1}; stopped. Last good checkpoint: "
                                          + (str(ckpt_dir / str(good)) if good is not None else "none saved yet"))
             step += 1
             n_tok = int(m["tokens"])
             tokens += n_tok
-            last = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": n_tok,
+            last = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": n_tok,
                     "tokens_per_s": n_tok / dt, "step_time_s": dt, "seq_len": int(group["input_ids"].shape[-1]),
                     **{k: float(v) for k, v in m.items() if k.startswith("lr_")}}
             if step % run.log_every == 0 or step == run.steps:
@@ -310,7 +315,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         progress.close()
         if stop.requested:
             print(f"interrupted: saving a checkpoint at step {step} before exiting", flush=True)
-        save(step)
+        if checkpoints.latest_step() != step:  # already saved (a periodic save, or resuming a finished run)
+            save(step)
     finally:
         stop.restore()
         checkpoints.close()

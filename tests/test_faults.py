@@ -188,17 +188,6 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(refere
                              "complete checkpoint; final parameters and losses bit-identical to the uninterrupted run")
 
 
-class KnownBug(AssertionError):
-    """The one failure an xfail below expects; any other failure is reported as a failure."""
-
-
-def _finish_expecting(run: Training, known: str) -> None:
-    code = run.finish()
-    if code != 0 and known in run.stderr:
-        raise KnownBug(run.stderr.strip().splitlines()[-1])
-    assert code == 0, f"failed otherwise than the known bug:\n{run.stderr[-2000:]}"
-
-
 def _sigterm_after(out: Path, env: dict, lines: int, *extra: str) -> Training:
     run = Training(out, env, *extra)
     for _ in range(lines):
@@ -227,25 +216,18 @@ def test_sigterm_saves_the_steps_done(reference, env, tmp_path):
     assert_same_run(out, reference)
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug,
-                   reason="jaxvlm/training.py: when SIGTERM stops the loop right after a periodic checkpoint, the exit "
-                          "path saves the same step again and orbax refuses ('Checkpoint for step N already exists'): "
-                          "exit 2, no model exported")
 def test_sigterm_on_a_checkpoint_step(env, tmp_path):
     out = tmp_path / "run"
     run = _sigterm_after(out, env, 3, "--save-every", "1")
-    _finish_expecting(run, "already exists")
+    assert run.finish() == 0, run.stderr[-2000:]
     assert max(complete_steps(out)) == run.steps_seen()
+    assert (out / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug,
-                   reason="jaxvlm/training.py: resuming when the final step's checkpoint already exists (a run killed "
-                          "while exporting model/) saves that step again and orbax refuses: 'Checkpoint for step N "
-                          "already exists'")
 def test_resume_after_the_final_checkpoint(reference, env, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     shutil.rmtree(out / "model")  # as if killed while exporting the final model
     run = Training(out, env, "--resume")
-    _finish_expecting(run, "already exists")
+    assert run.finish() == 0, run.stderr[-2000:]
     assert_same_run(out, reference)
