@@ -52,6 +52,12 @@ NEW_TOKENS_BUCKET_MIN = 16
 BUCKET_STEP = 256
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # {"prefill": n, "decode": n} traces so far
+_STREAM_CALLBACK: list = [None]  # the `stream` callable of the generate call in progress
+
+
+def _emit_token(step, tokens) -> None:
+    if _STREAM_CALLBACK[0] is not None:
+        _STREAM_CALLBACK[0](int(step), np.asarray(tokens))
 
 
 def bucket_length(n: int, minimum: int, step: int = BUCKET_STEP) -> int:
@@ -114,12 +120,12 @@ def _prefill(graphdef, state, input_ids, images, attention_mask, n_pad, *, cache
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "n_out", "greedy", "top_k", "use_top_p", "stop_at_eos", "return_logits"),
+    static_argnames=("graphdef", "n_out", "greedy", "top_k", "use_top_p", "stop_at_eos", "return_logits", "stream"),
     donate_argnames=("cache",),
 )
 def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_tokens, eos_token_id, key,
             temperature, top_p, *, n_out: int, greedy: bool, top_k: int, use_top_p: bool, stop_at_eos: bool,
-            return_logits: bool):
+            return_logits: bool, stream: bool = False):
     """The token loop. logits float32[B, V] from the prefill, cache [B, nkv, Tc, hd] per block
     (donated), attention_mask int[B, Tc] -> (tokens int32[B, Nb], logits float32[B, Nb, V] or
     None, cache). Token s is chosen from the logits after token s-1 (s = 0: the prefill's)."""
@@ -129,8 +135,11 @@ def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_
     first_slot = attention_mask.shape[1] - n_out  # Tb: slot of the first generated token
 
     def choose(step_logits, step):
-        return select_next_token(step_logits, jax.random.fold_in(key, step), greedy=greedy,
-                                 temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else 1.0)
+        tok = select_next_token(step_logits, jax.random.fold_in(key, step), greedy=greedy,
+                                temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else 1.0)
+        if stream:  # hand each token to the host as it is chosen, in order
+            jax.debug.callback(_emit_token, step, tok, ordered=True)
+        return tok
 
     tok = choose(logits, 0)
     tokens = jnp.full((B, n_out), eos_token_id if stop_at_eos else 0, jnp.int32).at[:, 0].set(tok)
@@ -165,7 +174,7 @@ def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_
 
 def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: int = 5, greedy: bool = False,
              temperature: float = 0.5, top_k: int = 50, top_p: float = 0.9, eos_token_id: int | None = None,
-             seed: int = 0, return_logits: bool = False):
+             seed: int = 0, return_logits: bool = False, stream=None):
     """New token ids int32[B, N] (and, with return_logits, float32[B, N, V]: the logits each
     token was chosen from, before filtering; rows after an early stop are zeros).
 
@@ -180,6 +189,8 @@ def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: i
       eos_token_id: everything after a row's first EOS is set to EOS and the loop stops when
         every row has emitted it; None = never stop.
       seed: the draws are a function of (seed, step) via `jax.random.fold_in`: reproducible.
+      stream: optional `callable(step, tokens int32[B])`, called on the host for every token as
+        the on-device loop chooses it (a jax.debug.callback; compiled as its own variant).
     Same semantics as `torch_ref.generate.generate` (greedy tokens identical to it).
     """
     cfg = model.cfg
@@ -211,12 +222,19 @@ def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: i
     graphdef, state = nnx.split(model)
     logits, cache = _prefill(graphdef, state, ids_b, images, mask_c, np.int32(n_pad), cache_len=Tb + n_out)
     stop_at_eos = eos_token_id is not None
-    tokens, all_logits, _ = _decode(
-        graphdef, state, logits, cache, mask_c, np.int32(T), np.int32(max_new_tokens),
-        np.int32(eos_token_id if stop_at_eos else 0), jax.random.key(seed),
-        np.float32(temperature), np.float32(top_p),
-        n_out=n_out, greedy=bool(greedy), top_k=0 if greedy else min(int(top_k), cfg.lm_vocab_size),
-        use_top_p=(not greedy) and top_p < 1.0, stop_at_eos=stop_at_eos, return_logits=bool(return_logits),
-    )
+    _STREAM_CALLBACK[0] = stream
+    try:
+        tokens, all_logits, _ = _decode(
+            graphdef, state, logits, cache, mask_c, np.int32(T), np.int32(max_new_tokens),
+            np.int32(eos_token_id if stop_at_eos else 0), jax.random.key(seed),
+            np.float32(temperature), np.float32(top_p),
+            n_out=n_out, greedy=bool(greedy), top_k=0 if greedy else min(int(top_k), cfg.lm_vocab_size),
+            use_top_p=(not greedy) and top_p < 1.0, stop_at_eos=stop_at_eos, return_logits=bool(return_logits),
+            stream=stream is not None,
+        )
+        if stream is not None:
+            jax.effects_barrier()  # every callback has run
+    finally:
+        _STREAM_CALLBACK[0] = None
     tokens = tokens[:, :max_new_tokens]
     return (tokens, all_logits[:, :max_new_tokens]) if return_logits else tokens

@@ -44,14 +44,33 @@ def _load(args):
     return model, tokenizer, SampleEncoder.from_config(model.cfg, tokenizer)
 
 
-def _answer(model, tokenizer, prompts: list[dict], args) -> list[str]:
+class TextStream:
+    """Prints a single row's answer to stdout token by token (decoding the whole prefix each
+    time, so multi-byte characters split across tokens come out whole), up to its EOS."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown, self.done = tokenizer, [], "", False
+
+    def __call__(self, step: int, tokens) -> None:
+        tok = int(tokens[0])
+        if self.done or tok == self.tokenizer.eos_token_id:
+            self.done = True
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[str]:
     from .evaluation import left_pad
     from .generate import generate
 
     ids, mask, images = left_pad(prompts, tokenizer.pad_token_id)
     out = generate(model, ids, images, mask, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream)
     return [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
             for row in out.tolist()]
 
@@ -80,7 +99,8 @@ def cmd_generate(args) -> int:
     model, tokenizer, encoder = _load(args)
     if args.prompt is not None:
         prompt = encoder.encode_prompt(args.image, args.prompt)
-        print(_answer(model, tokenizer, [prompt], args)[0], flush=True)
+        _answer(model, tokenizer, [prompt], args, stream=TextStream(tokenizer))
+        print(flush=True)
         return 0
     rows = _batch_rows(Path(args.batch))
     out = open(args.out, "w") if args.out else sys.stdout
