@@ -309,7 +309,9 @@ def summarise(cfg, args, r: dict) -> dict:
             if name in out["train"]:
                 out["train"][name]["jaxvlm_speedup"] = out["train"][name]["step_s"] / j
     bw = r.get("matmul", {}).get("bandwidth_gb_s")
-    bound = bw * 1e9 / (4 * n_params) if bw else None  # tokens/s per row if weights stream once per token
+    # A decode step reads the decoder's weights (blocks, norms, the tied head) once; not the ViT's.
+    n_decoder = sum(int(np.prod(e.torch_shape)) for e in mapping(cfg) if e.torch_key.startswith("decoder."))
+    bound = bw * 1e9 / (4 * n_decoder) if bw else None  # tokens/s at batch 1 if weights stream once per token
     for name in ("jax-decode", "torch-decode"):
         for batch, d in r.get(name, {}).get("batches", {}).items():
             out["decode"].setdefault(batch, {})[name] = {
