@@ -24,8 +24,10 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True,
-                                               cleanup_tmp_directories=True)  # drop partial saves on start
+        # A partial `<step>.orbax-checkpoint-tmp` left by a failed save is ignored by latest_step() and
+        # replaced when that step is saved again. (cleanup_tmp_directories=True races the aborted
+        # save's still-running writer threads when a manager is reopened in the same process.)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -37,7 +39,10 @@ class TrainCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """Restore into the shapes/dtypes/shardings of `abstract_state` (e.g. the fresh state)."""
+        """Restore into the shapes/dtypes/shardings of `abstract_state` (e.g. the fresh state).
+
+        The shardings are the target's, not the saver's: a checkpoint written on one mesh (or
+        number of processes) restores onto another, every process reading just its shards."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")

@@ -21,8 +21,11 @@ active (`use_mesh`), so the model code is the same on one device and on many, an
 Resolution (`mesh_spec`): a logical name maps to its mesh axes, leaving out axes of size 1, axes
 already used by an earlier dimension of the same array, and, from the end, axes whose product
 does not divide the dimension (so `batch` over (data, fsdp) falls back to `data` alone, then to
-replicated). Nothing is ever padded to fit a mesh; a dimension that does not divide is simply
-not split (logged once per name and shape).
+replicated). Nothing is padded to fit a mesh; a dimension that does not divide is simply not
+split (logged once per name and shape). The one exception is the batch with several processes,
+where replication is impossible (each process holds only its rows): see `Trainer.place_batch`.
+Tensor parallelism is efficient when `tensor` divides the head counts (a kernel split that is
+not head-aligned is still correct; XLA reshards after the reshape to heads).
 
 Shapes: A accumulation steps, B batch rows, P processes, D devices.
 """
@@ -82,12 +85,13 @@ class MeshConfig:
 
     def sizes(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
+        name = f"mesh data={self.data} x fsdp={self.fsdp} x tensor={self.tensor}"
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh {self}: sizes must be positive, with at most one -1 (the rest of the devices)")
+            raise ValueError(f"{name}: sizes must be positive, with at most one -1 (the rest of the devices)")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if n_devices % known:
-                raise ValueError(f"mesh {self}: {n_devices} devices are not a multiple of {known}")
+                raise ValueError(f"{name}: {n_devices} device(s) are not a multiple of {known}")
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) != n_devices:
             raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
@@ -251,7 +255,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     n = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None
     pid = process_id if process_id is not None else int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None
-    if address is None and (n is None or n == 1):
+    if n == 1 or (n is None and address is None):
         return False
     if address is None or n is None or pid is None:
         raise ValueError("multi-process training needs --coordinator-address, --num-processes and --process-id "

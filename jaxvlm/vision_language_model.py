@@ -45,13 +45,22 @@ def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_em
     """
     B, T, H = token_embd.shape
     is_image = input_ids == image_token_id  # (B, T)
-    flat = image_embd.reshape(-1, H).astype(token_embd.dtype)
+    flat = constrain(image_embd.reshape(-1, H).astype(token_embd.dtype), None, None)  # whole: any row may read any image
     if image_offsets is None:
         slot = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image token takes row k
     else:
         slot = image_offsets[:, None] * image_embd.shape[1] + jnp.cumsum(is_image, axis=1) - 1
     gathered = jnp.take(flat, jnp.clip(slot, 0, flat.shape[0] - 1), axis=0).reshape(B, T, H)
     return jnp.where(is_image[..., None], gathered, token_embd)
+
+
+def embed_tokens(embedding: nnx.Embed, input_ids: jax.Array) -> jax.Array:
+    """`embedding(input_ids)` (rows of the table in its compute dtype), with the table first
+    pinned whole along its embed axis: on an FSDP mesh the lookup then runs locally on each
+    device's batch rows (one all-gather of the table, a reduce-scatter of its gradient)
+    instead of XLA's fallback of all-gathering the [B, T, H] activations."""
+    table = constrain(embedding.embedding[...], "vocab", None)
+    return jnp.take(table.astype(embedding.dtype or table.dtype), input_ids, axis=0)
 
 
 class VisionLanguageModel(nnx.Module):
@@ -65,7 +74,7 @@ class VisionLanguageModel(nnx.Module):
     def embed(self, input_ids: jax.Array, images: jax.Array | None, image_offsets: jax.Array | None = None) -> jax.Array:
         """int[B, T], float[N_img, 3, S, S] or None -> float[B, T, H] with images merged in
         (`image_offsets` int[B] or None: see `merge_image_embeddings`)."""
-        token_embd = constrain(self.decoder.token_embedding(input_ids), "batch", "length", None)
+        token_embd = constrain(embed_tokens(self.decoder.token_embedding, input_ids), "batch", "length", None)
         if images is None or images.shape[0] == 0:
             return token_embd
         image_embd = self.MP(self.vision_encoder(images))  # (N_img, L, H)
