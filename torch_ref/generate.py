@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conversion.config import VLMConfig
+from conversion.generation import check_generation_args
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
@@ -51,31 +51,6 @@ def replace_after_eos(tokens: torch.Tensor, eos_token_id: int | None) -> torch.T
     is_eos = (tokens == eos_token_id).long()
     after_first = (is_eos.cumsum(dim=1) - is_eos) > 0  # an EOS strictly before this column
     return tokens.masked_fill(after_first, eos_token_id)
-
-
-def check_generation_args(cfg: VLMConfig, prompt_len: int, max_new_tokens: int, *, greedy: bool,
-                          temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError for arguments upstream would silently misuse.
-
-    The context limit is `cfg.lm_max_length` (the sequence length the model was trained with,
-    which upstream's processor truncates prompts to): prompt + new tokens must fit in it.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prompt_len < 1:
-        raise ValueError("the prompt is empty: generation needs at least one input token")
-    if prompt_len + max_new_tokens > cfg.lm_max_length:
-        raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the model context lm_max_length = {cfg.lm_max_length}"
-        )
-    if not greedy:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 @torch.no_grad()
