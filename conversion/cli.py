@@ -19,13 +19,12 @@ Errors print one line naming the problem and exit 2 (`--debug` shows the traceba
 from __future__ import annotations
 
 import argparse
-import logging
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from .cli_support import exit_with, run
 from .config import PRESETS, VLMConfig
 
 
@@ -189,29 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_library_logs() -> None:
-    """orbax and jax log through absl, from background threads too; a CLI error is one line."""
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.FATAL)
-    except ImportError:  # pragma: no cover
-        pass
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.debug:
-        _quiet_library_logs()
-    try:
-        return args.func(args)
-    except (ValueError, OSError, KeyError) as e:  # CheckpointError is a ValueError
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

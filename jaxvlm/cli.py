@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 import typing
 from pathlib import Path
 
 from conversion.checkpoint import read_config
+from conversion.cli_support import exit_with, run
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -146,33 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_library_logs() -> None:
-    """orbax and jax log through absl, from background threads too; a CLI error is one line."""
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.FATAL)
-    except ImportError:  # pragma: no cover
-        pass
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-
-
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if not args.debug:
-        _quiet_library_logs()
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, KeyError, FloatingPointError) as e:  # CheckpointError is a ValueError
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
