@@ -61,6 +61,17 @@ def attention(
     Returns:
       [B, Tq, nh, hd] in q's dtype.
     """
-    bias = attention_bias(attention_mask, causal=causal, q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset)
-    # XLA's implementation: a plain einsum-softmax-einsum that XLA fuses on every backend.
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+    B, Tq, nh, hd = q.shape
+    nkv = k.shape[2]
+    bias = attention_bias(attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset)
+    # Grouped-query attention with the group as its own axis: query heads j*g .. j*g+g-1 read
+    # key head j, no repeated keys. Logits [B, nkv, g, Tq, Tk] in float32 (bf16 inputs
+    # accumulate in float32), bias broadcast over heads, never materialised per head.
+    qg = q.reshape(B, Tq, nkv, nh // nkv, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(hd**-0.5)
+    if bias is not None:
+        logits = logits + bias[:, :, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return y.astype(q.dtype).reshape(B, Tq, nh, hd)

@@ -126,10 +126,40 @@ def forward(model: VisionLanguageModel, input_ids, images=None, attention_mask=N
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -100) -> jax.Array:
-    """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy)."""
-    logits = logits.astype(jnp.float32)
+    """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy).
+
+    The per-token loss has a hand-written backward (`_token_nll`): d logits = softmax - one_hot,
+    one elementwise pass over [.., V], instead of autodiff's log_softmax + gather transposes
+    (a zero [.., V] buffer, a scatter and several [.., V] passes; the head dominates a small
+    model's non-matmul time).
+    """
     valid = targets != ignore_index
-    safe = jnp.where(valid, targets, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    nll = _token_nll(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+
+@jax.custom_vjp
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target]: float32[..., V], int[...] -> float32[...]."""
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    m = jnp.max(logits, axis=-1)
+    e = jnp.exp(logits - m[..., None])  # kept for the backward: exp is computed once
+    total = jnp.sum(e, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return m + jnp.log(total) - picked, (e, total, targets)
+
+
+def _token_nll_bwd(res, g):
+    e, total, targets = res
+    d_logits = e * (g / total)[..., None]  # softmax * g
+    # minus g at each target: a scatter of one element per row, not a [.., V] one-hot pass
+    V = e.shape[-1]
+    flat = (jnp.arange(targets.size).reshape(targets.shape) * V + targets).reshape(-1)
+    d_logits = d_logits.reshape(-1).at[flat].add(-g.reshape(-1), unique_indices=True).reshape(e.shape)
+    return d_logits, None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
