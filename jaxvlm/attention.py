@@ -64,12 +64,21 @@ def attention(
     B, Tq, nh, hd = q.shape
     nkv = k.shape[2]
     bias = attention_bias(attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset)
+    # q is scaled before the logits matmul (a pass over q, not over the [.., Tq, Tk] logits;
+    # exact for hd = 64, where 1/sqrt(hd) is a power of two). Logits and softmax in float32
+    # (bf16 inputs accumulate in float32).
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    if nh == nkv:  # plain multi-head attention (the ViT)
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32)
+        return y.astype(q.dtype)
     # Grouped-query attention with the group as its own axis: query heads j*g .. j*g+g-1 read
-    # key head j, no repeated keys. Logits [B, nkv, g, Tq, Tk] in float32 (bf16 inputs
-    # accumulate in float32), bias broadcast over heads, never materialised per head.
+    # key head j, no repeated keys; logits [B, nkv, g, Tq, Tk], the bias broadcast over heads.
     qg = q.reshape(B, Tq, nkv, nh // nkv, hd)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(hd**-0.5)
     if bias is not None:
         logits = logits + bias[:, :, None]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -13,7 +13,7 @@ from flax import nnx
 from conversion.config import VLMConfig
 
 from .attention import attention
-from .layers import ModelDtypes, linear, normal_002
+from .layers import ModelDtypes, linear, matmul, normal_002
 from .sharding import constrain, logical
 
 
@@ -169,8 +169,9 @@ class LanguageModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, H] -> float[B, T, V]; tied: hidden @ token_embedding^T."""
-        if self.tie_weights:
-            return constrain(self.token_embedding.attend(hidden), "batch", "length", "vocab")
+        if self.tie_weights:  # token_embedding.attend, with `matmul`'s backward
+            table = self.token_embedding.embedding[...].astype(self.token_embedding.dtype or hidden.dtype)
+            return constrain(matmul(hidden.astype(table.dtype), table.T), "batch", "length", "vocab")
         return constrain(self.head(hidden), "batch", "length", "vocab")
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
