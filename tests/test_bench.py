@@ -1,0 +1,47 @@
+"""`python -m jaxvlm bench` end to end on the tiny preset: every contender runs, they do the
+same work (same first losses, same greedy tokens), and the JSON has the documented keys.
+No timing assertions here (machines are noisy): the numbers are checked for being numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "jaxvlm", "bench", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
+           "--steps", "1", "--parts", "matmul", "jax-train", "torch-train", "jax-decode", "torch-decode",
+           "--decode-batch", "1", "2", "--new-tokens", "12", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| jax-train |" in proc.stdout and "greedy decode" in proc.stdout  # the markdown table
+    rep = json.loads(out.read_text())
+
+    m = rep["matmul"]
+    for key in ("peak_gflops", "gflops_jax", "gflops_torch", "gflops_numpy", "bandwidth_gb_s", "read_bandwidth_gb_s"):
+        assert m[key] > 0, key
+    assert m["peak_gflops"] == max(m["gflops_jax"], m["gflops_torch"], m["gflops_numpy"])
+
+    train = rep["train"]
+    assert set(train) == {"jax-train", "torch-train"}
+    for t in train.values():
+        for key in ("step_s", "tokens_per_s", "compile_s", "mfu_vs_measured_matmul", "mfu_vs_own_framework_matmul",
+                    "peak_rss_mb"):
+            assert t[key] >= 0 and math.isfinite(t[key]), key
+    assert train["torch-train"]["jaxvlm_speedup"] > 0
+    # Identical weights and batch: the first three optimizer steps give the same losses.
+    for j, t in zip(train["jax-train"]["first_losses"], train["torch-train"]["first_losses"]):
+        assert abs(j - t) <= 1e-5 * abs(t), (train["jax-train"]["first_losses"], train["torch-train"]["first_losses"])
+
+    assert set(rep["decode"]) == {"1", "2"}
+    for batch, d in rep["decode"].items():
+        assert d["same_tokens"] is True, batch
+        assert {"jax-decode", "torch-decode", "jaxvlm_speedup"} <= set(d)
+    assert rep["decode_bound_tok_s_batch1"] > 0
+    assert rep["decode"]["1"]["jax-decode"]["fraction_of_bandwidth_bound"] is not None
