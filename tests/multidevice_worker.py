@@ -202,6 +202,27 @@ def run_meshes(ckpt_dir: str) -> dict:
         "weights_spec": str(sharded_model.decoder.blocks[0].mlp.gate_proj.kernel[...].sharding.spec),
         "embedding_spec": str(sharded_model.decoder.token_embedding.embedding[...].sharding.spec),
     }
+
+    # bf16 compute (fp32 master weights) on the 2x2x2 mesh vs on one device, 2 steps.
+    import jax.numpy as jnp
+
+    from jaxvlm.layers import ModelDtypes
+
+    bf16 = {}
+    for name, mesh in (("1", None), ("2x2x2", sharding.make_mesh(sharding.MeshConfig(2, 2, 2)))):
+        model = randomize(VisionLanguageModel(cfg, dtypes=ModelDtypes(compute=jnp.bfloat16), rngs=nnx.Rngs(0)), 0)
+        trainer = Trainer(model, ocfg, mesh=mesh)
+        state = trainer.init_state(model)
+        losses = []
+        for i in range(2):
+            state, m = trainer.step(state, trainer.place_batch(groups[i]))
+            losses.append(float(m["loss"]))
+        bf16[name] = (losses, flat_params(state), specs(state) if mesh is not None else None)
+    err, worst = param_error(bf16["2x2x2"][1], bf16["1"][1])
+    result["bf16"] = {"losses_1": bf16["1"][0], "losses_mesh": bf16["2x2x2"][0], "fp32_losses": ref_losses[:2],
+                      "param_error": err, "worst": worst,
+                      "dtypes": sorted({str(a.dtype) for a in bf16["2x2x2"][1].values()}),
+                      "gate_spec": bf16["2x2x2"][2]["decoder/blocks/0/mlp/gate_proj/kernel"]}
     return result
 
 

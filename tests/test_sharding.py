@@ -205,6 +205,21 @@ def test_checkpoint_restores_onto_another_mesh(meshes):
     assert r["compiles_8x1x1"] == 1, "the restored state recompiled the 8x1x1 step"
 
 
+def test_bf16_compute_on_a_mesh(meshes):
+    """bf16 activations with fp32 master weights, 2 steps on 2x2x2 vs 1 device. The mesh changes
+    only the order of bf16 reductions: the losses agree to 1e-3 relative (a bf16 ulp is 7.8e-3;
+    the loss is accumulated in fp32) and track the fp32 run to 2e-2 (as tests/test_train.py's
+    bf16 test). Parameters are recorded, not asserted: Adam's first updates are ~lr * sign(g),
+    so bf16 noise on near-zero gradient entries flips whole updates (measured ~2e-2 relative)."""
+    r = meshes["bf16"]
+    assert r["dtypes"] == ["float32"] and r["gate_spec"] == "P('fsdp', 'tensor')"
+    mesh_vs_1 = max(abs(a - b) / abs(b) for a, b in zip(r["losses_mesh"], r["losses_1"]))
+    vs_fp32 = max(abs(a - b) / abs(b) for a, b in zip(r["losses_mesh"], r["fp32_losses"]))
+    record("bf16 compute on 2x2x2 vs 1 device, 2 steps", f"losses {mesh_vs_1:.1e} relative (tol 1e-3), vs fp32 "
+           f"{vs_fp32:.1e} (tol 2e-2); parameters after 2 Adam steps: worst {r['worst']} {r['param_error']:.1e}")
+    assert mesh_vs_1 <= 1e-3 and vs_fp32 <= 2e-2, r
+
+
 def test_generate_on_a_sharded_model(meshes):
     g = meshes["generate"]
     assert g["weights_spec"] == "P('fsdp', 'tensor')" and g["embedding_spec"] == "P('tensor', 'fsdp')"
