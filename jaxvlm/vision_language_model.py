@@ -128,10 +128,10 @@ def forward(model: VisionLanguageModel, input_ids, images=None, attention_mask=N
 def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -100) -> jax.Array:
     """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy).
 
-    The per-token loss has a hand-written backward (`_token_nll`): d logits = softmax - one_hot,
-    one elementwise pass over [.., V], instead of autodiff's log_softmax + gather transposes
-    (a zero [.., V] buffer, a scatter and several [.., V] passes; the head dominates a small
-    model's non-matmul time).
+    The per-token loss has a hand-written backward (`_token_nll`): d logits = (softmax - one_hot)
+    * g as one pass over [.., V] (exp computed once, in the forward) plus a scatter of -g at the
+    targets, instead of autodiff's log_softmax + take_along_axis transposes (a zero [.., V]
+    buffer, a one-hot and several [.., V] passes; 0.9 s of a 7.1 s 222m CPU train step).
     """
     valid = targets != ignore_index
     nll = _token_nll(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
@@ -156,10 +156,11 @@ def _token_nll_bwd(res, g):
     e, total, targets = res
     d_logits = e * (g / total)[..., None]  # softmax * g
     # minus g at each target: a scatter of one element per row, not a [.., V] one-hot pass
+    # ((row, column) indices: a flat row * V + column overflows int32 past 2^31 / V rows)
     V = e.shape[-1]
-    flat = (jnp.arange(targets.size).reshape(targets.shape) * V + targets).reshape(-1)
-    d_logits = d_logits.reshape(-1).at[flat].add(-g.reshape(-1), unique_indices=True).reshape(e.shape)
-    return d_logits, None
+    rows = jnp.arange(targets.size)
+    d_logits = d_logits.reshape(-1, V).at[rows, targets.reshape(-1)].add(-g.reshape(-1), unique_indices=True)
+    return d_logits.reshape(e.shape), None
 
 
 _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
