@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 
 
+MIN_QUERY_CHUNK = 64  # causal self-attention is computed in query chunks of at least this many
+MAX_QUERY_CHUNKS = 4
+
+
 def attention_bias(
     attention_mask: jax.Array | None,
     *,
@@ -63,6 +67,17 @@ def attention(
     """
     B, Tq, nh, hd = q.shape
     nkv = k.shape[2]
+    n_chunks = min(MAX_QUERY_CHUNKS, Tq // MIN_QUERY_CHUNK)
+    if causal and isinstance(q_offset, int) and q_offset == 0 and Tq == k.shape[1] and n_chunks > 1:
+        # Causal self-attention over a long sequence: query chunk i attends only to keys up to its
+        # own end, skipping the all-masked upper-right blocks of the logits (exp(-inf) = 0 there:
+        # the same result). ~25-40% less attention work; one chunk per MIN_QUERY_CHUNK queries.
+        bounds = [round(i * Tq / n_chunks) for i in range(n_chunks + 1)]
+        outs = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            mask = None if attention_mask is None else attention_mask[:, :hi]
+            outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal=True, attention_mask=mask, q_offset=lo))
+        return jnp.concatenate(outs, axis=1)
     bias = attention_bias(attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset)
     # q is scaled before the logits matmul (a pass over q, not over the [.., Tq, Tk] logits;
     # exact for hd = 64, where 1/sqrt(hd) is a power of two). Logits and softmax in float32
