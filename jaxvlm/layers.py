@@ -77,4 +77,3 @@ def _matmul_bwd(res, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
