@@ -50,6 +50,9 @@ def parse_args():
 
 
 def main() -> int:
+    from jaxvlm.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # huge-page scratch buffers, as `jaxvlm train` runs (JAXVLM_HUGE_PAGES=0: off)
     args = parse_args()
     if args.report:
         report(Path(args.report), None, args.top)

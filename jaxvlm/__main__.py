@@ -1,5 +1,3 @@
-from conversion.cli_support import exit_with
+from .cli import entry
 
-from .cli import main
-
-exit_with(main())
+entry()

@@ -12,7 +12,11 @@ seeded batch:
   jax-decode    jaxvlm.generate, greedy, batch 1 and 8: decode tokens/s
   torch-decode  torch_ref.generate (eager, KV cache), the same prompts
 
-Step times are medians over --steps after warm-up; compile time is the first call's time minus
+Host memory (`--host-memory`, see jaxvlm.host_memory): `tuned` (default) runs each framework
+under the glibc malloc setting that suits it: jaxvlm with huge-page scratch buffers (what the
+jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest: 7.3 s vs 7.8 s with
+glibc's defaults and 8.7 s with huge pages on the 222m step here). `default` runs every part with
+glibc's defaults. The report names each part's setting. Step times are medians over --steps after warm-up; compile time is the first call's time minus
 a step's. MFU = model FLOPs per step (analytic: 3x the forward's matmul and attention FLOPs)
 / step time / measured matmul FLOP/s: against the best 2048^3 fp32 GEMM any framework reached
 in the matmul part (the headline), and against the contender's own framework's GEMM (jax's
@@ -238,6 +242,7 @@ def run_part(name: str, args) -> dict:
           "jax-decode": lambda a, c: part_decode(a, c, "jax"), "torch-decode": lambda a, c: part_decode(a, c, "torch")}[name]
     result = fn(args, cfg)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["host_memory"] = host_memory_setting()
     return result
 
 
@@ -256,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
+    p.add_argument("--host-memory", choices=("tuned", "default"), default="tuned",
+                   help="glibc malloc setting per framework (tuned) or glibc's defaults for all (default)")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)  # set by the driver for the parts
     p.add_argument("--part", help=argparse.SUPPRESS)
     return p
@@ -284,7 +291,7 @@ def main_args(args) -> int:
                    "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
                    "--decode-batch", *map(str, args.decode_batch)]
             print(f"bench: {part} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=part_environment(part, args.host_memory))
             if proc.returncode != 0:
                 raise RuntimeError(f"bench part {part} failed:\n{proc.stderr[-3000:]}")
             results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -293,6 +300,34 @@ def main_args(args) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def part_environment(part: str, host_memory: str) -> dict:
+    """The child's environment: glibc's defaults, plus the framework's malloc setting if tuned."""
+    from . import host_memory as hm
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != hm.TUNABLE]
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    env["JAXVLM_HUGE_PAGES"] = "0"  # the part itself must not re-execute: it runs what it is given
+    if host_memory == "tuned":
+        if part.startswith("torch"):
+            env.update(hm.HEAP_RETAINING_ENV)
+        elif hm.huge_pages_possible():
+            env = hm.with_huge_pages(env)
+    return env
+
+
+def host_memory_setting() -> str:
+    """This process's malloc setting, as the report names it."""
+    from . import host_memory as hm
+
+    if hm.huge_pages_enabled():
+        return f"huge pages (THP {hm.transparent_huge_pages()})"
+    if all(os.environ.get(k) == v for k, v in hm.HEAP_RETAINING_ENV.items()):
+        return "heap retained"
+    return "glibc defaults"
 
 
 def _write_checkpoint(cfg, seed: int, directory: str) -> None:
@@ -343,6 +378,7 @@ def summarise(cfg, args, r: dict) -> dict:
             d["jaxvlm_speedup"] = d["jax-decode"]["tok_s"] / d["torch-decode"]["tok_s"]
             d["same_tokens"] = r["jax-decode"]["batches"][batch]["tokens"] == r["torch-decode"]["batches"][batch]["tokens"]
     out["decode_bound_tok_s_batch1"] = bound
+    out["host_memory"] = {name: part.get("host_memory") for name, part in r.items()}
     return out
 
 
@@ -351,6 +387,7 @@ def markdown(rep: dict) -> str:
     lines = [f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
              f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine']['cpus']} CPUs, "
              f"load average {rep['machine']['load_average'][0]:.1f}"]
+    lines.append("host memory (glibc malloc): " + "; ".join(f"{k} {v}" for k, v in rep.get("host_memory", {}).items()))
     if rep["matmul"]:
         m = rep["matmul"]
         lines.append(f"measured fp32 matmul: {m['peak_gflops']:.1f} GFLOP/s (jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}, "

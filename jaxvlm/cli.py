@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 
 from conversion.checkpoint import read_config
 from conversion.cli_support import exit_with, run
+
+from .host_memory import reexec_with_huge_pages
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -149,5 +152,16 @@ def main(argv=None) -> int:
     return run(build_parser, argv)
 
 
-if __name__ == "__main__":
+LONG_RUNNING = ("train", "eval")  # run many jitted steps (bench sets each part's environment itself)
+
+
+def entry() -> None:
+    """The `jaxvlm` executable and `python -m jaxvlm`: a process of its own, so a long-running
+    command may restart itself with huge-page scratch buffers (jaxvlm.host_memory) first."""
+    if sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:
+        reexec_with_huge_pages()
     exit_with(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -45,3 +45,12 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
         assert {"jax-decode", "torch-decode", "jaxvlm_speedup"} <= set(d)
     assert rep["decode_bound_tok_s_batch1"] > 0
     assert rep["decode"]["1"]["jax-decode"]["fraction_of_bandwidth_bound"] is not None
+    # Each part ran under the malloc setting `--host-memory tuned` gives its framework.
+    from jaxvlm import host_memory
+
+    hm = rep["host_memory"]
+    assert set(hm) == {"matmul", "jax-train", "torch-train", "jax-decode", "torch-decode"}
+    assert hm["torch-train"] == hm["torch-decode"] == "heap retained", hm
+    if host_memory.huge_pages_possible():
+        assert hm["jax-train"].startswith("huge pages") and hm["jax-decode"].startswith("huge pages"), hm
+    assert "host memory (glibc malloc): " in proc.stdout
