@@ -152,7 +152,9 @@ def main(argv=None) -> int:
     return run(build_parser, argv)
 
 
-LONG_RUNNING = ("train", "eval")  # run many jitted steps (bench sets each part's environment itself)
+# Commands that run many jitted steps or stream the weights per token (bench sets each part's
+# environment itself).
+LONG_RUNNING = ("train", "eval", "generate")
 
 
 def entry() -> None:

@@ -8,6 +8,7 @@ inline with `-s`, and as one end-of-run section by `pytest_terminal_summary` unl
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,15 @@ import torch.nn as nn  # noqa: E402
 from conversion.config import VLMConfig  # noqa: E402
 from conversion.mapping import KINDS, mapping  # noqa: E402
 
+from jaxvlm import host_memory  # noqa: E402
+
 torch.set_default_dtype(torch.float32)
+
+# CLI child processes start with huge-page scratch buffers already on, as `jaxvlm train` would
+# re-execute itself to get them: one interpreter start per CLI call instead of two. The
+# re-execution itself is tested in test_host_memory.py.
+if host_memory.huge_pages_possible():
+    os.environ.update(host_memory.with_huge_pages(dict(os.environ)))
 
 SEEDS = (0, 1, 2)
 
