@@ -16,7 +16,9 @@ Host memory (`--host-memory`, see jaxvlm.host_memory): `tuned` (default) runs ea
 under the glibc malloc setting that suits it: jaxvlm with huge-page scratch buffers (what the
 jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest: 7.3 s vs 7.8 s with
 glibc's defaults and 8.7 s with huge pages on the 222m step here). `default` runs every part with
-glibc's defaults. The report names each part's setting. Step times are medians over --steps after warm-up; compile time is the first call's time minus
+glibc's defaults. The report names each part's setting.
+
+Step times are medians over --steps after warm-up; compile time is the first call's time minus
 a step's. MFU = model FLOPs per step (analytic: 3x the forward's matmul and attention FLOPs)
 / step time / measured matmul FLOP/s: against the best 2048^3 fp32 GEMM any framework reached
 in the matmul part (the headline), and against the contender's own framework's GEMM (jax's

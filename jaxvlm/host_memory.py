@@ -10,8 +10,9 @@ The weights land in huge pages too, which helps decoding, where every token stre
 batch-1 greedy decode of nanovlm-222m 56.9 -> 64.0 tokens/s (fewer TLB misses).
 
 glibc reads tunables only when a process starts, so the `jaxvlm` CLI re-executes itself once with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` added, for train, eval and generate (`jaxvlm bench`
-sets each part's environment itself). That costs one more interpreter start (~1 s). A script using jaxvlm as a library sets it itself:
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` added, for train, eval and generate (`jaxvlm bench` sets
+each part's environment itself); that costs one more interpreter start (~1 s). A script using
+jaxvlm as a library sets it itself:
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_train.py
 
@@ -51,7 +52,10 @@ def transparent_huge_pages() -> str:
 def huge_pages_possible() -> bool:
     """glibc >= 2.35 and a kernel that honours madvise(MADV_HUGEPAGE)."""
     libc, version = platform.libc_ver()
-    if libc != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+    try:
+        if libc != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+            return False
+    except ValueError:  # a version string that is not numbers
         return False
     return transparent_huge_pages() in ("always", "madvise")
 
