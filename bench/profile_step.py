@@ -35,13 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def parse_args():
+    from jaxvlm.bench import add_shape_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="nanovlm-222m")
-    p.add_argument("--config", help="a nanoVLM config.json instead of --preset")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--images-per-sample", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps before the profiled one")
+    add_shape_args(p, "timed steps before the profiled one")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--top", type=int, default=30, help="rows of the per-op and per-source tables")
     p.add_argument("--out", help="directory for the trace and HLO dump (default: a temporary one)")
@@ -65,21 +62,13 @@ def main() -> int:
     import jax
     from flax import nnx
 
-    from conversion.config import OptimConfig, VLMConfig
-    from jaxvlm.bench import forward_flops, make_batch
-    from jaxvlm.train import Trainer, label_positions
+    from jaxvlm.bench import config_of, forward_flops, jax_train_setup
     from jaxvlm.vision_language_model import VisionLanguageModel
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = VLMConfig.from_json(args.config) if args.config else VLMConfig.preset(args.preset)
-    model = VisionLanguageModel(cfg, remat=args.remat, rngs=nnx.Rngs(0))
-    trainer = Trainer(model, OptimConfig(max_training_steps=1000))
-    state = trainer.init_state(model)
-    del model
-    b = make_batch(cfg, args.batch_size, args.seq_len, args.images_per_sample, seed=0)
-    group = {k: v[None] for k, v in b.items()}
-    group["label_positions"] = label_positions(b["labels"])[None]
-    batch = trainer.place_batch(group)
+    cfg = config_of(args)
+    trainer, state, batch = jax_train_setup(VisionLanguageModel(cfg, remat=args.remat, rngs=nnx.Rngs(0)), cfg,
+                                            args.batch_size, args.seq_len, args.images_per_sample, seed=0)
 
     def step():
         nonlocal state

@@ -139,26 +139,35 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def jax_train_setup(model, cfg, batch_size: int, seq_len: int, images_per_sample: int, seed: int):
+    """jaxvlm's trainer (upstream's recipe), its step-0 state and the bench's batch as one
+    micro-batch: what the bench times and `bench/profile_step.py` profiles. `model` is consumed."""
+    from conversion.config import OptimConfig
+
+    from .train import Trainer, label_positions
+
+    trainer = Trainer(model, OptimConfig(max_training_steps=1000))
+    state = trainer.init_state(model)
+    b = make_batch(cfg, batch_size, seq_len, images_per_sample, seed)
+    group = {k: v[None] for k, v in b.items()}
+    group["label_positions"] = label_positions(b["labels"])[None]
+    return trainer, state, trainer.place_batch(group)
+
+
 def part_jax_train(args, cfg) -> dict:
     import jax
 
-    from conversion.config import OptimConfig
-
     from .checkpoint import load_nanovlm
-    from .train import Trainer, label_positions
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    model = load_nanovlm(args.checkpoint)
-    trainer = Trainer(model, OptimConfig(max_training_steps=1000))
-    holder = {"state": trainer.init_state(model)}
-    del model
-    b = make_batch(cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed)
-    group = {k: v[None] for k, v in b.items()}
-    group["label_positions"] = label_positions(b["labels"])[None]
+    trainer, state, batch = jax_train_setup(load_nanovlm(args.checkpoint), cfg, args.batch_size, args.seq_len,
+                                            args.images_per_sample, args.seed)
+    holder = {"state": state}
+    del state
     losses = []
 
     def step():
-        holder["state"], m = trainer.step(holder["state"], group)
+        holder["state"], m = trainer.step(holder["state"], batch)
         losses.append(float(m["loss"]))
 
     out = timed(step, args.steps, warmup=2)
@@ -249,14 +258,25 @@ def run_part(name: str, args) -> dict:
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxvlm bench", description=__doc__.split("\n\n")[0])
+def add_shape_args(p: argparse.ArgumentParser, steps_help: str) -> None:
+    """The model and batch flags the bench and `bench/profile_step.py` share."""
     p.add_argument("--preset", default="nanovlm-222m")
     p.add_argument("--config", help="a nanoVLM config.json instead of --preset")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--images-per-sample", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed train steps (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=3, help=steps_help)
+
+
+def config_of(args):
+    from conversion.config import VLMConfig
+
+    return VLMConfig.from_json(args.config) if args.config else VLMConfig.preset(args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvlm bench", description=__doc__.split("\n\n")[0])
+    add_shape_args(p, "timed train steps (after 2 warm-up steps)")
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -280,9 +300,7 @@ def main_args(args) -> int:
     if args.part:  # a child: one part, JSON on the last line of stdout
         print(json.dumps(run_part(args.part, args)))
         return 0
-    from conversion.config import VLMConfig
-
-    cfg = VLMConfig.from_json(args.config) if args.config else VLMConfig.preset(args.preset)
+    cfg = config_of(args)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         _write_checkpoint(cfg, args.seed, tmp)
