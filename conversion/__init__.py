@@ -1,12 +1,29 @@
 """nanoVLM checkpoints <-> jaxvlm: config, one mapping table, strict I/O. Imports no framework."""
 
-from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint, read_config, write_checkpoint
-from .config import GROUPS, PRESETS, OptimConfig, VLMConfig
+from .config import PRESETS, VLMConfig
 from .mapping import Entry, expected_shapes, jax_to_torch, mapping, torch_to_jax
+from .pretrained import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint, read_config, write_checkpoint
+from .recipe import GROUPS, OptimConfig, upstream_lr
 from .safetensors_io import CheckpointError, load_safetensors, save_safetensors
 
 __all__ = [
-    "CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "GROUPS", "OptimConfig", "PRESETS", "CheckpointError", "Entry", "VLMConfig",
-    "expected_shapes", "jax_to_torch", "load_safetensors", "mapping", "read_checkpoint", "read_config",
-    "save_safetensors", "torch_to_jax", "write_checkpoint",
+    "CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "WEIGHTS_FILE",
+    "GROUPS",
+    "OptimConfig",
+    "PRESETS",
+    "CheckpointError",
+    "Entry",
+    "VLMConfig",
+    "expected_shapes",
+    "jax_to_torch",
+    "load_safetensors",
+    "mapping",
+    "read_checkpoint",
+    "read_config",
+    "save_safetensors",
+    "torch_to_jax",
+    "upstream_lr",
+    "write_checkpoint",
 ]

@@ -1,5 +1,5 @@
-from conversion.cli_support import exit_with
+"""`python -m conversion`: an entry point only; the command line lives in `cli.convert`."""
 
-from .cli import main
+from cli.convert import entry
 
-exit_with(main())
+entry()

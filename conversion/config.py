@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +149,38 @@ class VLMConfig:
             if not ok:
                 problems.append(msg)
 
-        need(self.vit_hidden_dim % self.vit_n_heads == 0, f"vit_hidden_dim {self.vit_hidden_dim} is not divisible by vit_n_heads {self.vit_n_heads}")
-        need(self.lm_hidden_dim % self.lm_n_heads == 0, f"lm_hidden_dim {self.lm_hidden_dim} is not divisible by lm_n_heads {self.lm_n_heads}")
-        need(self.lm_n_kv_heads > 0 and self.lm_n_heads % self.lm_n_kv_heads == 0, f"lm_n_heads {self.lm_n_heads} is not divisible by lm_n_kv_heads {self.lm_n_kv_heads}")
+        need(
+            self.vit_hidden_dim % self.vit_n_heads == 0,
+            f"vit_hidden_dim {self.vit_hidden_dim} is not divisible by vit_n_heads {self.vit_n_heads}",
+        )
+        need(
+            self.lm_hidden_dim % self.lm_n_heads == 0,
+            f"lm_hidden_dim {self.lm_hidden_dim} is not divisible by lm_n_heads {self.lm_n_heads}",
+        )
+        need(
+            self.lm_n_kv_heads > 0 and self.lm_n_heads % self.lm_n_kv_heads == 0,
+            f"lm_n_heads {self.lm_n_heads} is not divisible by lm_n_kv_heads {self.lm_n_kv_heads}",
+        )
         need((self.lm_hidden_dim // max(self.lm_n_heads, 1)) % 2 == 0, "the language head dim must be even for RoPE")
-        need(self.vit_img_size % self.vit_patch_size == 0, f"vit_img_size {self.vit_img_size} is not divisible by vit_patch_size {self.vit_patch_size}")
+        need(
+            self.vit_img_size % self.vit_patch_size == 0,
+            f"vit_img_size {self.vit_img_size} is not divisible by vit_patch_size {self.vit_patch_size}",
+        )
         side = self.vit_img_size // self.vit_patch_size
         s = self.mp_pixel_shuffle_factor
         need(s >= 1 and side % s == 0, f"patch grid side {side} is not divisible by mp_pixel_shuffle_factor {s}")
         if s >= 1 and side % s == 0:
-            need(self.mp_image_token_length == (side // s) ** 2,
-                 f"mp_image_token_length {self.mp_image_token_length} != (vit_img_size/vit_patch_size/mp_pixel_shuffle_factor)^2 = {(side // s) ** 2}")
+            need(
+                self.mp_image_token_length == (side // s) ** 2,
+                f"mp_image_token_length {self.mp_image_token_length} != (vit_img_size/vit_patch_size/mp_pixel_shuffle_factor)^2 = {(side // s) ** 2}",
+            )
         names = [name for name, _ in self.vlm_extra_tokens]
         need("image_token" in names, "vlm_extra_tokens has no 'image_token'")
         need(len(set(names)) == len(names), "vlm_extra_tokens has duplicate names")
-        need(self.lm_vocab_size >= self.lm_base_vocab_size + len(names),
-             f"lm_vocab_size {self.lm_vocab_size} < lm_base_vocab_size {self.lm_base_vocab_size} + {len(names)} extra tokens")
+        need(
+            self.lm_vocab_size >= self.lm_base_vocab_size + len(names),
+            f"lm_vocab_size {self.lm_vocab_size} < lm_base_vocab_size {self.lm_base_vocab_size} + {len(names)} extra tokens",
+        )
         need(not self.vit_cls_flag, "vit_cls_flag=True is not supported (no released checkpoint uses it)")
         need(self.vit_dropout == 0.0 and self.lm_dropout == 0.0, "dropout is not supported (upstream trains with 0)")
         if problems:
@@ -180,7 +196,7 @@ class VLMConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, strict: bool = True) -> "VLMConfig":
+    def from_dict(cls, d: Mapping[str, Any], *, strict: bool = True) -> VLMConfig:
         """Load any released nanoVLM config version.
 
         Older configs lack fields that newer ones have; those are filled as the release that
@@ -201,7 +217,7 @@ class VLMConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, path: str | Path, *, strict: bool = True) -> "VLMConfig":
+    def from_json(cls, path: str | Path, *, strict: bool = True) -> VLMConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -219,44 +235,75 @@ class VLMConfig:
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=4))
 
-    def replace(self, **changes) -> "VLMConfig":
+    def replace(self, **changes) -> VLMConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- presets -----------------------------------------------------------------------------
     @classmethod
-    def tiny(cls, **overrides) -> "VLMConfig":
+    def tiny(cls, **overrides) -> VLMConfig:
         """A few-thousand-parameter-per-layer model for tests (the real 49152-token vocabulary)."""
         base = dict(
-            vit_hidden_dim=64, vit_inter_dim=128, vit_patch_size=8, vit_img_size=32, vit_n_heads=4,
-            vit_n_blocks=2, lm_hidden_dim=64, lm_inter_dim=160, lm_n_heads=4, lm_n_kv_heads=2,
-            lm_n_blocks=2, lm_max_position_embeddings=8192, lm_max_length=1024,
-            mp_pixel_shuffle_factor=2, mp_image_token_length=4, max_img_size=64,
-            vit_model_type="tiny", lm_model_type="tiny", lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
+            vit_hidden_dim=64,
+            vit_inter_dim=128,
+            vit_patch_size=8,
+            vit_img_size=32,
+            vit_n_heads=4,
+            vit_n_blocks=2,
+            lm_hidden_dim=64,
+            lm_inter_dim=160,
+            lm_n_heads=4,
+            lm_n_kv_heads=2,
+            lm_n_blocks=2,
+            lm_max_position_embeddings=8192,
+            lm_max_length=1024,
+            mp_pixel_shuffle_factor=2,
+            mp_image_token_length=4,
+            max_img_size=64,
+            vit_model_type="tiny",
+            lm_model_type="tiny",
+            lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
         )
         return cls(**{**base, **overrides})
 
     @classmethod
-    def nanovlm_222m(cls, **overrides) -> "VLMConfig":
+    def nanovlm_222m(cls, **overrides) -> VLMConfig:
         """SigLIP-B/16-224 + SmolLM2-135M, one image token (the nanoVLM-222M/230M release)."""
         base = dict(
-            vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
-            vit_n_blocks=12, vit_model_type="google/siglip-base-patch16-224",
-            lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30,
-            lm_re_base=100000, lm_max_position_embeddings=8192, lm_base_vocab_size=49152,
-            extra_token_amount=1, lm_vocab_size=49153, lm_max_length=1024,
-            lm_model_type="HuggingFaceTB/SmolLM2-135M", lm_tokenizer="HuggingFaceTB/cosmo2-tokenizer",
-            mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
-            resize_to_max_side_len=False, vlm_extra_tokens=LEGACY_EXTRA_TOKENS,
+            vit_hidden_dim=768,
+            vit_inter_dim=3072,
+            vit_patch_size=16,
+            vit_img_size=224,
+            vit_n_heads=12,
+            vit_n_blocks=12,
+            vit_model_type="google/siglip-base-patch16-224",
+            lm_hidden_dim=576,
+            lm_inter_dim=1536,
+            lm_n_heads=9,
+            lm_n_kv_heads=3,
+            lm_n_blocks=30,
+            lm_re_base=100000,
+            lm_max_position_embeddings=8192,
+            lm_base_vocab_size=49152,
+            extra_token_amount=1,
+            lm_vocab_size=49153,
+            lm_max_length=1024,
+            lm_model_type="HuggingFaceTB/SmolLM2-135M",
+            lm_tokenizer="HuggingFaceTB/cosmo2-tokenizer",
+            mp_pixel_shuffle_factor=2,
+            mp_image_token_length=49,
+            max_img_size=224,
+            resize_to_max_side_len=False,
+            vlm_extra_tokens=LEGACY_EXTRA_TOKENS,
         )
         return cls(**{**base, **overrides})
 
     @classmethod
-    def nanovlm_460m(cls, **overrides) -> "VLMConfig":
+    def nanovlm_460m(cls, **overrides) -> VLMConfig:
         """SigLIP2-B/16-512 + SmolLM2-360M-Instruct with image splitting (upstream's current default)."""
         return cls(**overrides)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VLMConfig":
+    def preset(cls, name: str, **overrides) -> VLMConfig:
         presets = {"tiny": cls.tiny, "nanovlm-222m": cls.nanovlm_222m, "nanovlm-460m": cls.nanovlm_460m}
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
@@ -290,26 +337,3 @@ def _legacy_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     if "lm_vocab_size" not in values:
         out["lm_vocab_size"] = base + n_extra
     return out
-
-
-# Parameter groups of the training recipe: upstream's order (train.py: MP, vision, language).
-GROUPS = {"MP": "mp", "vision_encoder": "vision", "decoder": "language"}
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Upstream's recipe (reference section 6). A group whose lr is 0 is frozen: it gets no
-    gradient, takes no part in clipping and keeps no optimizer state."""
-
-    lr_mp: float = 5.12e-3
-    lr_vision_backbone: float = 5e-5
-    lr_language_backbone: float = 5e-5
-    max_training_steps: int = 40000
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.01  # torch.optim.AdamW's default, which upstream uses
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-
-    def group_lrs(self) -> dict[str, float]:
-        return {"mp": self.lr_mp, "vision": self.lr_vision_backbone, "language": self.lr_language_backbone}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .config import VLMConfig
 
 
-def check_generation_args(cfg: VLMConfig, prompt_len: int, max_new_tokens: int, *, greedy: bool,
-                          temperature: float, top_k: int, top_p: float) -> None:
+def check_generation_args(
+    cfg: VLMConfig, prompt_len: int, max_new_tokens: int, *, greedy: bool, temperature: float, top_k: int, top_p: float
+) -> None:
     """Raise ValueError for arguments upstream would silently misuse (both frameworks call this).
 
     The context limit is `cfg.lm_max_length` (the sequence length the model was trained with,

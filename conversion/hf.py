@@ -49,31 +49,43 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_checkpoint
 from .config import DEFAULT_EXTRA_TOKENS, LEGACY_EXTRA_TOKENS, VLMConfig
 from .mapping import check_keys, expected_shapes
+from .pretrained import CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, WEIGHTS_FILE, write_checkpoint
+from .rope import rope_inv_freq
 from .safetensors_io import _FROM_ST, CheckpointError
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
 # transformers' SiglipVisionConfig defaults (what transformers uses for a field config.json omits).
 SIGLIP_VISION_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
 }
 # transformers' LlamaConfig defaults for the fields that do not set a shape.
 LLAMA_DEFAULTS: dict[str, Any] = {
-    "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
 }
 LLAMA_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -120,7 +132,9 @@ class _SafetensorsFile:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if n < 2 or 8 + n > size:
-                raise CheckpointError(f"{path} is not a valid safetensors file ({size} bytes): truncated or bad header length")
+                raise CheckpointError(
+                    f"{path} is not a valid safetensors file ({size} bytes): truncated or bad header length"
+                )
             raw = f.read(n)
         try:
             header = json.loads(raw)
@@ -134,15 +148,23 @@ class _SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         for name, info in header.items():
             try:
-                st_dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                st_dtype, shape, (begin, end) = (
+                    info["dtype"],
+                    tuple(int(s) for s in info["shape"]),
+                    info["data_offsets"],
+                )
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path} is not a valid safetensors file: bad header entry for {name!r}") from None
+                raise CheckpointError(
+                    f"{path} is not a valid safetensors file: bad header entry for {name!r}"
+                ) from None
             dtype = _FROM_ST.get(st_dtype)
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
             if not (0 <= begin <= end <= data_size) or end - begin != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{path} is not a valid safetensors file ({size} bytes): tensor {name!r} "
-                                      f"lies outside the file or has the wrong byte length (truncated?)")
+                raise CheckpointError(
+                    f"{path} is not a valid safetensors file ({size} bytes): tensor {name!r} "
+                    f"lies outside the file or has the wrong byte length (truncated?)"
+                )
             self.entries[name] = (dtype, shape, begin)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -150,7 +172,9 @@ class _SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         dtype, shape, begin = self.entries[name]
-        return np.fromfile(self.path, dtype=dtype, count=math.prod(shape), offset=self.data_start + begin).reshape(shape)
+        return np.fromfile(self.path, dtype=dtype, count=math.prod(shape), offset=self.data_start + begin).reshape(
+            shape
+        )
 
 
 class _Weights:
@@ -176,7 +200,9 @@ class _Weights:
                     missing.append(f"{key} (in {shard})")
                 self.where[key] = shards[shard]
             if missing:
-                raise CheckpointError(f"{index}: the weight_map lists key(s) missing from their shard: {', '.join(missing)}")
+                raise CheckpointError(
+                    f"{index}: the weight_map lists key(s) missing from their shard: {', '.join(missing)}"
+                )
         elif single.is_file():
             f = _SafetensorsFile(single)
             self.where = {k: f for k in f.entries}
@@ -197,20 +223,24 @@ class _Weights:
         return self.where[key].read(key)
 
 
-def _check_shapes(weights: _Weights, expected: dict[str, tuple[int, ...]], *, prefix: str, ignore, config: Path) -> None:
+def _check_shapes(
+    weights: _Weights, expected: dict[str, tuple[int, ...]], *, prefix: str, ignore, config: Path
+) -> None:
     """Every expected key present with its shape and no unknown key under `prefix` (keys for
     which `ignore(rest)` holds are skipped); all problems in one CheckpointError."""
     problems = []
     missing = [k for k in expected if k not in weights.where]
-    unknown = [k for k in weights.where if k.startswith(prefix) and k not in expected and not ignore(k[len(prefix):])]
+    unknown = [k for k in weights.where if k.startswith(prefix) and k not in expected and not ignore(k[len(prefix) :])]
     if missing:
         problems.append(f"missing key(s): {', '.join(missing)}")
     if unknown:
         problems.append(f"unexpected key(s): {', '.join(sorted(unknown))}")
     for k, want in expected.items():
         if k in weights.where and weights.where[k].shape(k) != tuple(want):
-            problems.append(f"{k} (in {weights.file_of(k).name}) has shape {weights.where[k].shape(k)}, "
-                            f"{config} implies {tuple(want)}")
+            problems.append(
+                f"{k} (in {weights.file_of(k).name}) has shape {weights.where[k].shape(k)}, "
+                f"{config} implies {tuple(want)}"
+            )
     if problems:
         raise CheckpointError(f"{weights.source} (config {config}): " + "; ".join(problems))
 
@@ -222,9 +252,11 @@ def _vision_config(directory: Path) -> tuple[dict, Path]:
     top = _read_json(path, "SigLIP")
     model_type = top.get("model_type")
     if model_type in ("siglip2", "siglip2_vision_model"):
-        raise CheckpointError(f"{path}: model_type {model_type!r} (SigLIP2 NaFlex: a Linear patch embedding over flattened "
-                              "patches and resized position embeddings) is not supported; the fixed-resolution SigLIP2 "
-                              "checkpoints (model_type 'siglip', e.g. google/siglip2-base-patch16-512) are")
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} (SigLIP2 NaFlex: a Linear patch embedding over flattened "
+            "patches and resized position embeddings) is not supported; the fixed-resolution SigLIP2 "
+            "checkpoints (model_type 'siglip', e.g. google/siglip2-base-patch16-512) are"
+        )
     if model_type == "siglip" or "vision_config" in top:
         vcfg = top.get("vision_config") or {}
         if not isinstance(vcfg, dict):
@@ -233,20 +265,33 @@ def _vision_config(directory: Path) -> tuple[dict, Path]:
     else:
         vcfg, vmt = top, model_type
     if vmt != "siglip_vision_model":
-        raise CheckpointError(f"{path}: unsupported vision model_type {vmt!r}; expected a SigLIP vision tower "
-                              "(model_type 'siglip' or 'siglip_vision_model')")
+        raise CheckpointError(
+            f"{path}: unsupported vision model_type {vmt!r}; expected a SigLIP vision tower "
+            "(model_type 'siglip' or 'siglip_vision_model')"
+        )
     used = {k: vcfg.get(k, v) for k, v in SIGLIP_VISION_DEFAULTS.items()}
     defaulted = sorted(k for k in SIGLIP_VISION_DEFAULTS if k not in vcfg)
     if defaulted:
         log.info("%s: %s not given, using SiglipVisionConfig's default(s)", path, ", ".join(defaulted))
     if used["hidden_act"] != "gelu_pytorch_tanh":
-        raise CheckpointError(f"{path}: hidden_act {used['hidden_act']!r} is not supported; nanoVLM's ViT uses GELU with "
-                              "the tanh approximation ('gelu_pytorch_tanh')")
+        raise CheckpointError(
+            f"{path}: hidden_act {used['hidden_act']!r} is not supported; nanoVLM's ViT uses GELU with "
+            "the tanh approximation ('gelu_pytorch_tanh')"
+        )
     if used["num_channels"] != 3:
         raise CheckpointError(f"{path}: num_channels {used['num_channels']} is not supported (RGB only)")
     if vcfg.get("attention_dropout", 0.0):
-        log.warning("%s: attention_dropout %s is ignored (nanoVLM trains without dropout)", path, vcfg["attention_dropout"])
-    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+        log.warning(
+            "%s: attention_dropout %s is ignored (nanoVLM trains without dropout)", path, vcfg["attention_dropout"]
+        )
+    for k in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+    ):
         if not isinstance(used[k], int) or isinstance(used[k], bool) or used[k] <= 0:
             raise CheckpointError(f"{path}: {k} must be a positive integer, got {used[k]!r}")
     return used, path
@@ -256,15 +301,20 @@ def _vision_prefix(weights: _Weights) -> str:
     for prefix in ("vision_model.", ""):
         if f"{prefix}embeddings.patch_embedding.weight" in weights.where:
             return prefix
-    raise CheckpointError(f"{weights.source}: no SigLIP vision weights (neither vision_model.embeddings.patch_embedding.weight "
-                          "nor embeddings.patch_embedding.weight)")
+    raise CheckpointError(
+        f"{weights.source}: no SigLIP vision weights (neither vision_model.embeddings.patch_embedding.weight "
+        "nor embeddings.patch_embedding.weight)"
+    )
 
 
 def _vision_expected(v: dict, prefix: str) -> dict[str, tuple[int, ...]]:
     D, I, P = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     N = (v["image_size"] // P) ** 2
-    e = {f"{prefix}embeddings.patch_embedding.weight": (D, 3, P, P), f"{prefix}embeddings.patch_embedding.bias": (D,),
-         f"{prefix}embeddings.position_embedding.weight": (N, D)}
+    e = {
+        f"{prefix}embeddings.patch_embedding.weight": (D, 3, P, P),
+        f"{prefix}embeddings.patch_embedding.bias": (D,),
+        f"{prefix}embeddings.position_embedding.weight": (N, D),
+    }
     for i in range(v["num_hidden_layers"]):
         b = f"{prefix}encoder.layers.{i}."
         for ln in ("layer_norm1", "layer_norm2"):
@@ -285,19 +335,29 @@ def _vision_ignored(rest: str) -> bool:
 
 def _vision_tensors(weights: _Weights, v: dict, prefix: str, n: int) -> dict[str, np.ndarray]:
     """nanoVLM `vision_encoder.*` tensors (torch layout) from SigLIP's."""
+
     def get(k):
         return weights.read(prefix + k)
 
-    out = {"vision_encoder.patch_embedding.conv.weight": get("embeddings.patch_embedding.weight"),
-           "vision_encoder.patch_embedding.conv.bias": get("embeddings.patch_embedding.bias"),
-           "vision_encoder.patch_embedding.position_embedding": get("embeddings.position_embedding.weight")[None]}
+    out = {
+        "vision_encoder.patch_embedding.conv.weight": get("embeddings.patch_embedding.weight"),
+        "vision_encoder.patch_embedding.conv.bias": get("embeddings.patch_embedding.bias"),
+        "vision_encoder.patch_embedding.position_embedding": get("embeddings.position_embedding.weight")[None],
+    }
     for i in range(n):
         s, d = f"encoder.layers.{i}.", f"vision_encoder.blocks.{i}."
-        for src, dst in (("layer_norm1", "ln1"), ("layer_norm2", "ln2"), ("self_attn.out_proj", "attn.out_proj"),
-                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+        for src, dst in (
+            ("layer_norm1", "ln1"),
+            ("layer_norm2", "ln2"),
+            ("self_attn.out_proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
             out[f"{d}{dst}.weight"], out[f"{d}{dst}.bias"] = get(f"{s}{src}.weight"), get(f"{s}{src}.bias")
         for leaf in ("weight", "bias"):  # fused in the order q, k, v
-            out[f"{d}attn.qkv_proj.{leaf}"] = np.concatenate([get(f"{s}self_attn.{p}.{leaf}") for p in ("q_proj", "k_proj", "v_proj")])
+            out[f"{d}attn.qkv_proj.{leaf}"] = np.concatenate(
+                [get(f"{s}self_attn.{p}.{leaf}") for p in ("q_proj", "k_proj", "v_proj")]
+            )
     out["vision_encoder.layer_norm.weight"] = get("post_layernorm.weight")
     out["vision_encoder.layer_norm.bias"] = get("post_layernorm.bias")
     return out
@@ -326,7 +386,9 @@ def _language_config(directory: Path) -> tuple[dict, Path]:
     path = directory / CONFIG_FILE
     c = _read_json(path, "Llama")
     if c.get("model_type") != "llama":
-        raise CheckpointError(f"{path}: unsupported language model_type {c.get('model_type')!r}; expected 'llama' (SmolLM2 / Llama)")
+        raise CheckpointError(
+            f"{path}: unsupported language model_type {c.get('model_type')!r}; expected 'llama' (SmolLM2 / Llama)"
+        )
     missing = [k for k in LLAMA_REQUIRED if k not in c]
     if missing:
         raise CheckpointError(f"{path}: missing config field(s): {', '.join(missing)}")
@@ -345,8 +407,10 @@ def _language_config(directory: Path) -> tuple[dict, Path]:
     if used["attention_bias"] or used["mlp_bias"]:
         problems.append("attention_bias / mlp_bias true (nanoVLM's decoder has no biases)")
     if H % nh or (c.get("head_dim") is not None and c["head_dim"] != H // nh):
-        problems.append(f"head_dim {c.get('head_dim')} with hidden_size {H} and num_attention_heads {nh} "
-                        "(nanoVLM's head dim is hidden_size / num_attention_heads)")
+        problems.append(
+            f"head_dim {c.get('head_dim')} with hidden_size {H} and num_attention_heads {nh} "
+            "(nanoVLM's head dim is hidden_size / num_attention_heads)"
+        )
     if not isinstance(kv, int) or nh % kv:
         problems.append(f"num_key_value_heads {kv} does not divide num_attention_heads {nh}")
     if problems:
@@ -360,10 +424,19 @@ def _language_expected(c: dict) -> dict[str, tuple[int, ...]]:
     e = {"model.embed_tokens.weight": (V, H)}
     for i in range(c["num_hidden_layers"]):
         b = f"model.layers.{i}."
-        e.update({f"{b}self_attn.q_proj.weight": (H, H), f"{b}self_attn.k_proj.weight": (kv, H),
-                  f"{b}self_attn.v_proj.weight": (kv, H), f"{b}self_attn.o_proj.weight": (H, H),
-                  f"{b}mlp.gate_proj.weight": (I, H), f"{b}mlp.up_proj.weight": (I, H), f"{b}mlp.down_proj.weight": (H, I),
-                  f"{b}input_layernorm.weight": (H,), f"{b}post_attention_layernorm.weight": (H,)})
+        e.update(
+            {
+                f"{b}self_attn.q_proj.weight": (H, H),
+                f"{b}self_attn.k_proj.weight": (kv, H),
+                f"{b}self_attn.v_proj.weight": (kv, H),
+                f"{b}self_attn.o_proj.weight": (H, H),
+                f"{b}mlp.gate_proj.weight": (I, H),
+                f"{b}mlp.up_proj.weight": (I, H),
+                f"{b}mlp.down_proj.weight": (H, I),
+                f"{b}input_layernorm.weight": (H,),
+                f"{b}post_attention_layernorm.weight": (H,),
+            }
+        )
     e["model.norm.weight"] = (H,)
     if not c["tie_word_embeddings"]:
         e["lm_head.weight"] = (V, H)
@@ -373,18 +446,28 @@ def _language_expected(c: dict) -> dict[str, tuple[int, ...]]:
 def _language_ignored(c: dict):
     def ignored(key: str) -> bool:  # old transformers stored RoPE buffers; a tied file may repeat the head
         return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and c["tie_word_embeddings"])
+
     return ignored
 
 
-def _language_tensors(weights: _Weights, c: dict, n_extra: int, rng: np.random.Generator, dtype, config: Path) -> dict[str, np.ndarray]:
+def _language_tensors(
+    weights: _Weights, c: dict, n_extra: int, rng: np.random.Generator, dtype, config: Path
+) -> dict[str, np.ndarray]:
     """nanoVLM `decoder.*` tensors: blocks, norm, the embedding (and head) grown by n_extra rows."""
     out = {}
     for i in range(c["num_hidden_layers"]):
         s, d = f"model.layers.{i}.", f"decoder.blocks.{i}."
-        for src, dst in (("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"),
-                         ("self_attn.v_proj", "attn.v_proj"), ("self_attn.o_proj", "attn.out_proj"),
-                         ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"), ("mlp.down_proj", "mlp.down_proj"),
-                         ("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")):
+        for src, dst in (
+            ("self_attn.q_proj", "attn.q_proj"),
+            ("self_attn.k_proj", "attn.k_proj"),
+            ("self_attn.v_proj", "attn.v_proj"),
+            ("self_attn.o_proj", "attn.out_proj"),
+            ("mlp.gate_proj", "mlp.gate_proj"),
+            ("mlp.up_proj", "mlp.up_proj"),
+            ("mlp.down_proj", "mlp.down_proj"),
+            ("input_layernorm", "norm1"),
+            ("post_attention_layernorm", "norm2"),
+        ):
             out[f"{d}{dst}.weight"] = weights.read(f"{s}{src}.weight")
     out["decoder.norm.weight"] = weights.read("model.norm.weight")
 
@@ -395,8 +478,10 @@ def _language_tensors(weights: _Weights, c: dict, n_extra: int, rng: np.random.G
     embed = weights.read("model.embed_tokens.weight")
     if c["tie_word_embeddings"]:
         if "lm_head.weight" in weights.where and not np.array_equal(weights.read("lm_head.weight"), embed):
-            raise CheckpointError(f"{weights.file_of('lm_head.weight')}: tie_word_embeddings is true in {config} but "
-                                  "lm_head.weight differs from model.embed_tokens.weight")
+            raise CheckpointError(
+                f"{weights.file_of('lm_head.weight')}: tie_word_embeddings is true in {config} but "
+                "lm_head.weight differs from model.embed_tokens.weight"
+            )
         out["decoder.head.weight"] = grow(embed)  # the tied table, stored once under the head's name
     else:
         out["decoder.token_embedding.weight"] = grow(embed)
@@ -404,28 +489,14 @@ def _language_tensors(weights: _Weights, c: dict, n_extra: int, rng: np.random.G
     return out
 
 
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """float32[hd/2]: 1 / base^(2i/hd), the buffer torch_ref (and transformers) build with
-    `1.0 / (base ** (torch.arange(0, hd, 2).float() / hd))`.
-
-    Same float32 steps: base rounded to float32, exponents 2i/hd divided in float32, the
-    reciprocal in float32. The power itself is rounded correctly (computed in float64, then
-    rounded once), which torch's CPU kernel does not promise: it uses SLEEF's vectorised powf
-    (<= 1 ulp) and glibc's powf for the tail, depending on the CPU. The two agree bit for bit
-    for the released configs (head dim 64 with base 1e4, 1e5, 1.3e5; 128 with 5e5, ...);
-    elsewhere within 2 ulp (tests/test_hf.py measures both).
-    """
-    x = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    power = np.power(np.float64(np.float32(base)), x.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / power).astype(np.float32)
-
-
 # ---- the VLM --------------------------------------------------------------------------------
 def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir: Path, vision_config: Path) -> dict:
     unknown = sorted(set(given) - set(VLM_SETTINGS))
     if unknown:
-        raise ValueError(f"unknown VLM setting(s): {', '.join(unknown)} (allowed: {', '.join(VLM_SETTINGS)}; "
-                        "architecture numbers come from the backbones' config.json)")
+        raise ValueError(
+            f"unknown VLM setting(s): {', '.join(unknown)} (allowed: {', '.join(VLM_SETTINGS)}; "
+            "architecture numbers come from the backbones' config.json)"
+        )
     s = {k: given.get(k, d) for k, d in VLM_SETTINGS.items()}
     s = {k: (d if s[k] is None and d is not None else s[k]) for k, d in VLM_SETTINGS.items()}
     extra = s["vlm_extra_tokens"]
@@ -440,8 +511,10 @@ def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir:
     if s["vit_img_size"] is None:
         s["vit_img_size"] = img
     elif s["vit_img_size"] != img:
-        raise CheckpointError(f"{vision_config}: the vision tower's position embeddings are for image_size {img}; "
-                              f"vit_img_size {s['vit_img_size']} would need them interpolated, which nanoVLM does not do")
+        raise CheckpointError(
+            f"{vision_config}: the vision tower's position embeddings are for image_size {img}; "
+            f"vit_img_size {s['vit_img_size']} would need them interpolated, which nanoVLM does not do"
+        )
     sf = s["mp_pixel_shuffle_factor"]
     if s["mp_image_token_length"] is None and isinstance(sf, int) and sf > 0:
         s["mp_image_token_length"] = ((img // P) // sf) ** 2
@@ -454,8 +527,10 @@ def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir:
         if m < img or m % img:
             raise ValueError(f"max_img_size {m} must be a multiple of the tile size {img} (image splitting)")
         if f"r{m // img}c{m // img}" not in dict(extra):
-            raise ValueError(f"max_img_size {m} gives a {m // img}x{m // img} tile grid but the extra tokens have no "
-                             f"r{m // img}c{m // img} token; use max_img_size <= {img * _grid_side(extra)}")
+            raise ValueError(
+                f"max_img_size {m} gives a {m // img}x{m // img} tile grid but the extra tokens have no "
+                f"r{m // img}c{m // img} token; use max_img_size <= {img * _grid_side(extra)}"
+            )
     s["vit_model_type"] = s["vit_model_type"] or str(vision_dir)
     s["lm_model_type"] = s["lm_model_type"] or str(language_dir)
     s["lm_tokenizer"] = s["lm_tokenizer"] or str(language_dir)
@@ -483,16 +558,19 @@ def _tokenizer_files(directory: Path, vocab_size: int, config: Path) -> list[Pat
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"{tok} is not a Hugging Face tokenizer.json: {e}") from None
     if n != vocab_size:
-        raise CheckpointError(f"{tok} has {n} tokens but {config} has vocab_size {vocab_size}; nanoVLM numbers its extra "
-                              "tokens from the end of the base vocabulary, so the two must agree")
+        raise CheckpointError(
+            f"{tok} has {n} tokens but {config} has vocab_size {vocab_size}; nanoVLM numbers its extra "
+            "tokens from the end of the base vocabulary, so the two must agree"
+        )
     for name in TOKENIZER_FILES[1:]:
         if (directory / name).is_file():
             _read_json(directory / name, "tokenizer")  # must parse: the tokenizer loader reads it
     return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
 
 
-def from_hf(vision_dir: str | Path, language_dir: str | Path, *, seed: int = 0, dtype: str = "float32",
-            **vlm_settings) -> tuple[VLMConfig, dict[str, np.ndarray]]:
+def from_hf(
+    vision_dir: str | Path, language_dir: str | Path, *, seed: int = 0, dtype: str = "float32", **vlm_settings
+) -> tuple[VLMConfig, dict[str, np.ndarray]]:
     """(VLMConfig, {checkpoint key: array in torch layout}) from two local Hugging Face
     directories; see the module docstring. `vlm_settings` are `VLM_SETTINGS` by their
     VLMConfig names; `dtype` ("float32" or "bfloat16") is the output tensors' dtype."""
@@ -521,14 +599,25 @@ def _build(vision_dir: Path, language_dir: Path, *, seed: int, dtype: str, setti
     n_extra = len(s["vlm_extra_tokens"])
     try:
         cfg = VLMConfig(
-            vit_hidden_dim=v["hidden_size"], vit_inter_dim=v["intermediate_size"], vit_patch_size=v["patch_size"],
-            vit_n_heads=v["num_attention_heads"], vit_n_blocks=v["num_hidden_layers"],
+            vit_hidden_dim=v["hidden_size"],
+            vit_inter_dim=v["intermediate_size"],
+            vit_patch_size=v["patch_size"],
+            vit_n_heads=v["num_attention_heads"],
+            vit_n_blocks=v["num_hidden_layers"],
             vit_ln_eps=float(v["layer_norm_eps"]),
-            lm_hidden_dim=c["hidden_size"], lm_inter_dim=c["intermediate_size"], lm_rms_eps=float(c["rms_norm_eps"]),
-            lm_re_base=c["rope_theta"], lm_max_position_embeddings=c["max_position_embeddings"],
-            lm_base_vocab_size=c["vocab_size"], extra_token_amount=n_extra, lm_vocab_size=c["vocab_size"] + n_extra,
-            lm_n_heads=c["num_attention_heads"], lm_n_kv_heads=c["num_key_value_heads"], lm_n_blocks=c["num_hidden_layers"],
-            lm_tie_weights=bool(c["tie_word_embeddings"]), **s,
+            lm_hidden_dim=c["hidden_size"],
+            lm_inter_dim=c["intermediate_size"],
+            lm_rms_eps=float(c["rms_norm_eps"]),
+            lm_re_base=c["rope_theta"],
+            lm_max_position_embeddings=c["max_position_embeddings"],
+            lm_base_vocab_size=c["vocab_size"],
+            extra_token_amount=n_extra,
+            lm_vocab_size=c["vocab_size"] + n_extra,
+            lm_n_heads=c["num_attention_heads"],
+            lm_n_kv_heads=c["num_key_value_heads"],
+            lm_n_blocks=c["num_hidden_layers"],
+            lm_tie_weights=bool(c["tie_word_embeddings"]),
+            **s,
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"backbones {vpath} + {lpath}: {e}") from None
@@ -537,14 +626,23 @@ def _build(vision_dir: Path, language_dir: Path, *, seed: int, dtype: str, setti
     rng = np.random.default_rng(seed)
     tensors = {k: a.astype(out_dtype) for k, a in _vision_tensors(vweights, v, prefix, v["num_hidden_layers"]).items()}
     tensors["MP.proj.weight"] = rng.normal(0.0, 0.02, size=(cfg.lm_hidden_dim, cfg.mp_input_dim)).astype(out_dtype)
-    tensors.update({k: a.astype(out_dtype) for k, a in _language_tensors(lweights, c, n_extra, rng, out_dtype, lpath).items()})
+    tensors.update(
+        {k: a.astype(out_dtype) for k, a in _language_tensors(lweights, c, n_extra, rng, out_dtype, lpath).items()}
+    )
     tensors["decoder.rotary_embd.inv_freq"] = rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base).astype(out_dtype)
     check_keys(expected_shapes(cfg), tensors, source=f"backbones {vpath} + {lpath}")
     return cfg, tensors, tokenizer_files
 
 
-def build_from_hf(vision_dir: str | Path, language_dir: str | Path, out_dir: str | Path, *, seed: int = 0,
-                  dtype: str = "float32", **vlm_settings) -> VLMConfig:
+def build_from_hf(
+    vision_dir: str | Path,
+    language_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    **vlm_settings,
+) -> VLMConfig:
     """Write a nanoVLM checkpoint directory (config.json + model.safetensors, and the language
     model's tokenizer files when present) built from two local Hugging Face directories.
 
@@ -555,7 +653,9 @@ def build_from_hf(vision_dir: str | Path, language_dir: str | Path, out_dir: str
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"output directory {out_dir} is not empty")
-    cfg, tensors, tokenizer_files = _build(Path(vision_dir), Path(language_dir), seed=seed, dtype=dtype, settings=vlm_settings)
+    cfg, tensors, tokenizer_files = _build(
+        Path(vision_dir), Path(language_dir), seed=seed, dtype=dtype, settings=vlm_settings
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     try:

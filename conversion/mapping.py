@@ -15,8 +15,8 @@ I_v/I_l MLP widths, hd language head dim, kv language kv heads, s pixel-shuffle 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -157,7 +157,9 @@ def check_keys(expected: dict, actual: dict, *, source: str, shape_of: Callable 
         problems.append(f"unexpected key(s): {', '.join(map(_fmt, unexpected))}")
     for k in expected:
         if k in actual and tuple(shape_of(actual[k])) != tuple(expected[k]):
-            problems.append(f"{_fmt(k)} has shape {tuple(shape_of(actual[k]))}, the config expects {tuple(expected[k])}")
+            problems.append(
+                f"{_fmt(k)} has shape {tuple(shape_of(actual[k]))}, the config expects {tuple(expected[k])}"
+            )
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
@@ -166,14 +168,18 @@ def _fmt(k) -> str:
     return ".".join(map(str, k)) if isinstance(k, tuple) else str(k)
 
 
-def torch_to_jax(cfg: VLMConfig, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> dict[JaxPath, np.ndarray]:
+def torch_to_jax(
+    cfg: VLMConfig, tensors: dict[str, np.ndarray], *, source: str = "checkpoint"
+) -> dict[JaxPath, np.ndarray]:
     """Checkpoint tensors (torch layout, file keys) -> {jaxvlm path: array}. Strict."""
     table = mapping(cfg)
     check_keys({e.torch_key: e.torch_shape for e in table}, tensors, source=source)
     return {e.jax_path: e.transform.to_jax(tensors[e.torch_key]) for e in table}
 
 
-def jax_to_torch(cfg: VLMConfig, flat: dict[JaxPath, np.ndarray], *, source: str = "jaxvlm state") -> dict[str, np.ndarray]:
+def jax_to_torch(
+    cfg: VLMConfig, flat: dict[JaxPath, np.ndarray], *, source: str = "jaxvlm state"
+) -> dict[str, np.ndarray]:
     """{jaxvlm path: array} -> checkpoint tensors (torch layout, file keys). Strict."""
     table = mapping(cfg)
     check_keys({e.jax_path: e.jax_shape for e in table}, flat, source=source)

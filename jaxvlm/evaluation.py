@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from conversion.recipe import IGNORE_INDEX
+
 
 def normalise(text: str) -> str:
     """Exact match ignores case, surrounding whitespace and trailing punctuation."""
@@ -33,31 +35,52 @@ def left_pad(prompts: list[dict], pad_id: int) -> tuple[np.ndarray, np.ndarray, 
     mask = np.zeros((len(prompts), T), np.int32)
     for b, p in enumerate(prompts):
         n = len(p["input_ids"])
-        ids[b, T - n:], mask[b, T - n:] = p["input_ids"], 1
+        ids[b, T - n :], mask[b, T - n :] = p["input_ids"], 1
     tiles = [p["images"] for p in prompts if p["images"].shape[0]]
     return ids, mask, np.concatenate(tiles) if tiles else None
 
 
-def exact_match(model, tokenizer, dataset, *, batch_size: int = 32, max_new_tokens: int = 16,
-                limit: int | None = None, show: int = 0) -> dict[str, Any]:
+def exact_match(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+    show: int = 0,
+) -> dict[str, Any]:
     """Greedy answers for the dataset's prompts; the share equal to the expected answers."""
     from .generate import generate
 
     pairs = qa_pairs(dataset)[:limit]
     correct, examples, t0 = 0, [], time.perf_counter()
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         ids, mask, images = left_pad([p for p, _ in chunk], tokenizer.pad_token_id)
-        out = np.asarray(generate(model, ids, images, mask, max_new_tokens=max_new_tokens, greedy=True,
-                                  eos_token_id=tokenizer.eos_token_id))
+        out = np.asarray(
+            generate(
+                model,
+                ids,
+                images,
+                mask,
+                max_new_tokens=max_new_tokens,
+                greedy=True,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
         for row, (_, expected) in zip(out, chunk):
             text = tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
             ok = normalise(text) == normalise(expected)
             correct += ok
             if len(examples) < show:
                 examples.append({"expected": expected, "got": text, "ok": bool(ok)})
-    return {"exact_match": correct / len(pairs), "n": len(pairs), "examples": examples,
-            "time_s": time.perf_counter() - t0}
+    return {
+        "exact_match": correct / len(pairs),
+        "n": len(pairs),
+        "examples": examples,
+        "time_s": time.perf_counter() - t0,
+    }
 
 
 def mean_loss(model, loader, *, max_batches: int | None = None) -> float:
@@ -68,7 +91,7 @@ def mean_loss(model, loader, *, max_batches: int | None = None) -> float:
 
     @jax.jit
     def sums(logits, labels):
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         logp = jax.nn.log_softmax(logits.astype("float32"), axis=-1)
         nll = -jax.numpy.take_along_axis(logp, jax.numpy.where(valid, labels, 0)[..., None], -1)[..., 0]
         return jax.numpy.sum(jax.numpy.where(valid, nll, 0.0)), jax.numpy.sum(valid)

@@ -98,9 +98,27 @@ def _prefill(graphdef, state, input_ids, images, attention_mask, n_pad, *, cache
     static_argnames=("graphdef", "n_out", "greedy", "top_k", "use_top_p", "stop_at_eos", "return_logits", "stream"),
     donate_argnames=("cache",),
 )
-def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_tokens, eos_token_id, key,
-            temperature, top_p, *, n_out: int, greedy: bool, top_k: int, use_top_p: bool, stop_at_eos: bool,
-            return_logits: bool, stream: bool = False):
+def _decode(
+    graphdef,
+    state,
+    logits,
+    cache,
+    attention_mask,
+    prompt_len,
+    max_new_tokens,
+    eos_token_id,
+    key,
+    temperature,
+    top_p,
+    *,
+    n_out: int,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    stop_at_eos: bool,
+    return_logits: bool,
+    stream: bool = False,
+):
     """The token loop. logits float32[B, V] from the prefill, cache [B, nkv, Tc, hd] per block
     (donated), attention_mask int[B, Tc] -> (tokens int32[B, Nb], logits float32[B, Nb, V] or
     None, cache). Token s is chosen from the logits after token s-1 (s = 0: the prefill's)."""
@@ -110,8 +128,14 @@ def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_
     first_slot = attention_mask.shape[1] - n_out  # Tb: slot of the first generated token
 
     def choose(step_logits, step):
-        tok = select_next_token(step_logits, jax.random.fold_in(key, step), greedy=greedy,
-                                temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else 1.0)
+        tok = select_next_token(
+            step_logits,
+            jax.random.fold_in(key, step),
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p if use_top_p else 1.0,
+        )
         if stream:  # hand each token to the host as it is chosen, in order
             jax.debug.callback(_emit_token, step, tok, ordered=True)
         return tok
@@ -147,9 +171,22 @@ def _decode(graphdef, state, logits, cache, attention_mask, prompt_len, max_new_
     return tokens, all_logits, cache
 
 
-def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: int = 5, greedy: bool = False,
-             temperature: float = 0.5, top_k: int = 50, top_p: float = 0.9, eos_token_id: int | None = None,
-             seed: int = 0, return_logits: bool = False, stream=None):
+def generate(
+    model,
+    input_ids,
+    images,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 5,
+    greedy: bool = False,
+    temperature: float = 0.5,
+    top_k: int = 50,
+    top_p: float = 0.9,
+    eos_token_id: int | None = None,
+    seed: int = 0,
+    return_logits: bool = False,
+    stream=None,
+):
     """New token ids int32[B, N] (and, with return_logits, float32[B, N, V]: the logits each
     token was chosen from, before filtering; rows after an early stop are zeros).
 
@@ -200,11 +237,23 @@ def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: i
     _STREAM_CALLBACK[0] = stream
     try:
         tokens, all_logits, _ = _decode(
-            graphdef, state, logits, cache, mask_c, np.int32(T), np.int32(max_new_tokens),
-            np.int32(eos_token_id if stop_at_eos else 0), jax.random.key(seed),
-            np.float32(temperature), np.float32(top_p),
-            n_out=n_out, greedy=bool(greedy), top_k=0 if greedy else min(int(top_k), cfg.lm_vocab_size),
-            use_top_p=(not greedy) and top_p < 1.0, stop_at_eos=stop_at_eos, return_logits=bool(return_logits),
+            graphdef,
+            state,
+            logits,
+            cache,
+            mask_c,
+            np.int32(T),
+            np.int32(max_new_tokens),
+            np.int32(eos_token_id if stop_at_eos else 0),
+            jax.random.key(seed),
+            np.float32(temperature),
+            np.float32(top_p),
+            n_out=n_out,
+            greedy=bool(greedy),
+            top_k=0 if greedy else min(int(top_k), cfg.lm_vocab_size),
+            use_top_p=(not greedy) and top_p < 1.0,
+            stop_at_eos=stop_at_eos,
+            return_logits=bool(return_logits),
             stream=stream is not None,
         )
         if stream is not None:

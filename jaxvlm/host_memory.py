@@ -5,7 +5,7 @@ batch 4 x 256) with `posix_memalign`. glibc serves a request that large with a f
 `munmap`s it when freed, so every step faults 820k pages of 4 KiB back in: 1.3 s of kernel time
 per step on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1`, such mappings are advised
 to use transparent huge pages (2 MiB): 500x fewer faults, and the step goes 4.65 -> 3.94 s
-(`python bench/profile_step.py`, this 2-core machine; kernel time 1.3 -> 0.2 s per step).
+(`python -m cli.profile_step`, this 2-core machine; kernel time 1.3 -> 0.2 s per step).
 The weights land in huge pages too, which helps decoding, where every token streams them:
 batch-1 greedy decode of nanovlm-222m 56.9 -> 64.0 tokens/s (fewer TLB misses).
 
@@ -46,7 +46,7 @@ def transparent_huge_pages() -> str:
         text = _THP_MODE.read_text()
     except OSError:
         return "unavailable"
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else "unavailable"
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else "unavailable"
 
 
 def huge_pages_possible() -> bool:
@@ -75,8 +75,13 @@ def with_huge_pages(env: dict) -> dict:
 def reexec_with_huge_pages() -> None:
     """Replace this process by the same command with the tunable set, unless it is set already,
     turned off (`JAXVLM_HUGE_PAGES=0`) or not possible here. Call before any work is done."""
-    if (huge_pages_enabled() or os.environ.get("JAXVLM_HUGE_PAGES", "1") == "0" or not huge_pages_possible()
-            or not sys.executable or not getattr(sys, "orig_argv", None)):
+    if (
+        huge_pages_enabled()
+        or os.environ.get("JAXVLM_HUGE_PAGES", "1") == "0"
+        or not huge_pages_possible()
+        or not sys.executable
+        or not getattr(sys, "orig_argv", None)
+    ):
         return
     sys.stdout.flush()
     sys.stderr.flush()

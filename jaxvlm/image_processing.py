@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageLike = Union[str, Path, bytes, bytearray, Image.Image]
+ImageLike = str | Path | bytes | bytearray | Image.Image
 
 # PIL's own default (Image.MAX_IMAGE_PIXELS, ~89.5 megapixels): above it we refuse to decode.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -87,7 +87,9 @@ def load_image(src: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
             raise ValueError(f"{name}: cannot read image: {e}") from None
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ValueError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (possible decompression bomb)")
+        raise ValueError(
+            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (possible decompression bomb)"
+        )
     if w == 0 or h == 0:
         raise ValueError(f"{name}: image has zero size {w}x{h}")
     try:
@@ -146,8 +148,9 @@ def _global_view(img: np.ndarray, side: int) -> np.ndarray:
     return np.stack(chans).astype(np.float32)
 
 
-def image_string(grids: Sequence[tuple[int, int]], n_image_tokens: int,
-                 extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
+def image_string(
+    grids: Sequence[tuple[int, int]], n_image_tokens: int, extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]]
+) -> str:
     """The placeholder text for images with these grids (upstream's `get_image_string`).
 
     Per image: `<image: k>` (0-based, only when there are several images), then
@@ -165,8 +168,10 @@ def image_string(grids: Sequence[tuple[int, int]], n_image_tokens: int,
     if "global_image_token" not in tokens and "r1c1" not in tokens:  # legacy format
         for k, grid in enumerate(grids):
             if tuple(grid) != (1, 1):
-                raise ValueError(f"image {k} has grid {tuple(grid)} but the extra tokens have no grid tokens (r1c1...): "
-                                 "this model cannot take split images")
+                raise ValueError(
+                    f"image {k} has grid {tuple(grid)} but the extra tokens have no grid tokens (r1c1...): "
+                    "this model cannot take split images"
+                )
         return img * len(grids)
     out = []
     for k, (n_h, n_w) in enumerate(grids):
@@ -196,12 +201,21 @@ class ImageProcessor:
       max_pixels: decompression-bomb limit for `load_image`.
     """
 
-    def __init__(self, img_size: int, max_img_size: int, resize_to_max_side_len: bool = False, splitting: bool = True,
-                 *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        img_size: int,
+        max_img_size: int,
+        resize_to_max_side_len: bool = False,
+        splitting: bool = True,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         if img_size <= 0:
             raise ValueError(f"img_size must be positive, got {img_size}")
         if splitting and (max_img_size < img_size or max_img_size % img_size):
-            raise ValueError(f"max_img_size {max_img_size} must be a positive multiple of img_size {img_size} when splitting")
+            raise ValueError(
+                f"max_img_size {max_img_size} must be a positive multiple of img_size {img_size} when splitting"
+            )
         self.img_size = int(img_size)
         self.max_img_size = int(max_img_size)
         self.resize_to_max_side_len = bool(resize_to_max_side_len)
@@ -209,7 +223,7 @@ class ImageProcessor:
         self.max_pixels = max_pixels
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> "ImageProcessor":
+    def from_config(cls, cfg, **kwargs) -> ImageProcessor:
         """Splitting is on when the config has the grid tokens (`r1c1`), as every model since
         nanoVLM-460M; the legacy one-token configs resize to S x S."""
         splitting = "r1c1" in cfg.extra_tokens
@@ -268,5 +282,7 @@ class ImageProcessor:
     image_string = staticmethod(image_string)  # the module function, for callers holding a processor
 
     def __repr__(self) -> str:
-        return (f"ImageProcessor(img_size={self.img_size}, max_img_size={self.max_img_size}, "
-                f"resize_to_max_side_len={self.resize_to_max_side_len}, splitting={self.splitting})")
+        return (
+            f"ImageProcessor(img_size={self.img_size}, max_img_size={self.max_img_size}, "
+            f"resize_to_max_side_len={self.resize_to_max_side_len}, splitting={self.splitting})"
+        )

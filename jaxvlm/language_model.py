@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from conversion.config import VLMConfig
+from conversion.rope import rope_inv_freq
 
-from .attention import attention
-from .layers import ModelDtypes, linear, matmul, normal_002
+from .layers import linear, normal_002
+from .options import ModelOptions
 from .sharding import constrain, logical
 
 
@@ -22,8 +22,8 @@ class Buffer(nnx.Variable):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs | None = None):
-        self.weight = nnx.Param(jnp.ones((cfg.lm_hidden_dim,), dtypes.param), **logical("norm"))
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((cfg.lm_hidden_dim,), options.param_dtype), **logical("norm"))
         self.eps = cfg.lm_rms_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -32,22 +32,17 @@ class RMSNorm(nnx.Module):
         return (h * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """float32[hd/2]: 1 / base^(2i/hd) with torch_ref's float32 steps (see conversion.hf)."""
-    from conversion.hf import rope_inv_freq as exact
-
-    return exact(head_dim, base)
-
-
 class RotaryEmbedding(nnx.Module):
     """cos/sin for rotate-half RoPE. Past `lm_max_position_embeddings` the frequencies are divided
     by max_pos / lm_max_position_embeddings (upstream's rescale), selected with `jnp.where` so
     the same compiled code serves every position."""
 
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes()):
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions()):
         # Stored in the parameter dtype, as torch's `model.to(dtype)` converts buffers too; the
         # cos/sin are always computed in float32.
-        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base), dtypes.param), **logical(None))
+        self.inv_freq = Buffer(
+            jnp.asarray(rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base), options.param_dtype), **logical(None)
+        )
         self.original_max_seq_len = cfg.lm_max_position_embeddings
         self.attention_scaling = cfg.lm_attn_scaling
 
@@ -75,13 +70,14 @@ def apply_rotary_pos_embd(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
 
 
 class LanguageModelGroupedQueryAttention(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
         H = cfg.lm_hidden_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.lm_n_heads, cfg.lm_n_kv_heads, cfg.lm_head_dim
-        self.q_proj = linear(H, H, False, dtypes, rngs, axes=("embed", "heads"))
-        self.k_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs, axes=("embed", "kv_heads"))
-        self.v_proj = linear(H, self.n_kv_heads * self.head_dim, False, dtypes, rngs, axes=("embed", "kv_heads"))
-        self.out_proj = linear(H, H, False, dtypes, rngs, axes=("heads", "embed"))
+        self.q_proj = linear(H, H, False, options, rngs, axes=("embed", "heads"))
+        self.k_proj = linear(H, self.n_kv_heads * self.head_dim, False, options, rngs, axes=("embed", "kv_heads"))
+        self.v_proj = linear(H, self.n_kv_heads * self.head_dim, False, options, rngs, axes=("embed", "kv_heads"))
+        self.out_proj = linear(H, H, False, options, rngs, axes=("heads", "embed"))
+        self.kernels = options.select_kernels()
 
     def project_qkv(self, x, cos, sin):
         """x [B, T, H] -> q [B, T, nh, hd], k, v [B, T, nkv, hd], RoPE applied to q and k."""
@@ -95,7 +91,7 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
         """x float[B, T, H] -> float[B, T, H]; causal self-attention over the T positions."""
         B, T, H = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
-        y = attention(q, k, v, causal=True, attention_mask=attention_mask)
+        y = self.kernels.attention(q, k, v, causal=True, attention_mask=attention_mask)
         return self.out_proj(y.reshape(B, T, H))
 
     def extend(self, x, cos, sin, cache, index, attention_mask=None):
@@ -113,17 +109,23 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
         k_cache, v_cache = cache
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, index, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, index, 0))
-        y = attention(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2), causal=True,
-                      attention_mask=attention_mask, q_offset=index)
+        y = self.kernels.attention(
+            q,
+            k_cache.swapaxes(1, 2),
+            v_cache.swapaxes(1, 2),
+            causal=True,
+            attention_mask=attention_mask,
+            q_offset=index,
+        )
         return self.out_proj(y.reshape(B, T, H)), (k_cache, v_cache)
 
 
 class LanguageModelMLP(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
         H, I = cfg.lm_hidden_dim, cfg.lm_inter_dim
-        self.gate_proj = linear(H, I, False, dtypes, rngs, axes=("embed", "mlp"))
-        self.up_proj = linear(H, I, False, dtypes, rngs, axes=("embed", "mlp"))
-        self.down_proj = linear(I, H, False, dtypes, rngs, axes=("mlp", "embed"))
+        self.gate_proj = linear(H, I, False, options, rngs, axes=("embed", "mlp"))
+        self.up_proj = linear(H, I, False, options, rngs, axes=("embed", "mlp"))
+        self.down_proj = linear(I, H, False, options, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), "batch", "length", "mlp")
@@ -131,11 +133,11 @@ class LanguageModelMLP(nnx.Module):
 
 
 class LanguageModelBlock(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
-        self.mlp = LanguageModelMLP(cfg, dtypes, rngs=rngs)
-        self.attn = LanguageModelGroupedQueryAttention(cfg, dtypes, rngs=rngs)
-        self.norm1 = RMSNorm(cfg, dtypes)
-        self.norm2 = RMSNorm(cfg, dtypes)
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
+        self.mlp = LanguageModelMLP(cfg, options, rngs=rngs)
+        self.attn = LanguageModelGroupedQueryAttention(cfg, options, rngs=rngs)
+        self.norm1 = RMSNorm(cfg, options)
+        self.norm2 = RMSNorm(cfg, options)
 
     def __call__(self, x, cos, sin, attention_mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, attention_mask)
@@ -155,30 +157,37 @@ def _call_block(block, x, *args):
 
 
 class LanguageModel(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs, remat: bool = False):
-        self.remat = remat  # recompute each block's activations in the backward pass
-        self.token_embedding = nnx.Embed(cfg.lm_vocab_size, cfg.lm_hidden_dim, embedding_init=normal_002,
-                                         dtype=dtypes.compute, param_dtype=dtypes.param, rngs=rngs,
-                                         embedding_metadata=logical("vocab", "embed"))
-        self.rotary_embd = RotaryEmbedding(cfg, dtypes)
-        self.blocks = nnx.List([LanguageModelBlock(cfg, dtypes, rngs=rngs) for _ in range(cfg.lm_n_blocks)])
-        self.norm = RMSNorm(cfg, dtypes)
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
+        self.options = options  # remat: recompute each block in the backward pass
+        self.kernels = options.select_kernels()
+        self.token_embedding = nnx.Embed(
+            cfg.lm_vocab_size,
+            cfg.lm_hidden_dim,
+            embedding_init=normal_002,
+            dtype=options.compute_dtype,
+            param_dtype=options.param_dtype,
+            rngs=rngs,
+            embedding_metadata=logical("vocab", "embed"),
+        )
+        self.rotary_embd = RotaryEmbedding(cfg, options)
+        self.blocks = nnx.List([LanguageModelBlock(cfg, options, rngs=rngs) for _ in range(cfg.lm_n_blocks)])
+        self.norm = RMSNorm(cfg, options)
         self.tie_weights = cfg.lm_tie_weights
         if not cfg.lm_tie_weights:
-            self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, dtypes, rngs, axes=("embed", "vocab"))
+            self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, options, rngs, axes=("embed", "vocab"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, H] -> float[B, T, V]; tied: hidden @ token_embedding^T."""
-        if self.tie_weights:  # token_embedding.attend, with `matmul`'s backward
+        if self.tie_weights:  # token_embedding.attend, through the backend's matmul
             table = self.token_embedding.embedding[...].astype(self.token_embedding.dtype or hidden.dtype)
-            return constrain(matmul(hidden.astype(table.dtype), table.T), "batch", "length", "vocab")
+            return constrain(self.kernels.matmul(hidden.astype(table.dtype), table.T), "batch", "length", "vocab")
         return constrain(self.head(hidden), "batch", "length", "vocab")
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
         positions = jnp.arange(x.shape[1])[None]
         cos, sin = self.rotary_embd(positions)
-        call = nnx.remat(_call_block) if self.remat else _call_block
+        call = self.options.rematerialise(_call_block)
         for block in self.blocks:
             x = constrain(call(block, x, cos, sin, attention_mask), "batch", "length", None)
         return self.norm(x)

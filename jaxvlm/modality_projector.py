@@ -12,7 +12,8 @@ from flax import nnx
 
 from conversion.config import VLMConfig
 
-from .layers import ModelDtypes, linear
+from .layers import linear
+from .options import ModelOptions
 
 
 def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
@@ -27,10 +28,10 @@ def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
 
 
 class ModalityProjector(nnx.Module):
-    def __init__(self, cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
         self.scale_factor = cfg.mp_pixel_shuffle_factor
         # [s*s*D, H]: a wide-to-model-width projection, sharded like an MLP's down projection.
-        self.proj = linear(cfg.mp_input_dim, cfg.lm_hidden_dim, False, dtypes, rngs, axes=("mlp", "embed"))
+        self.proj = linear(cfg.mp_input_dim, cfg.lm_hidden_dim, False, options, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[N_img, N, D] -> float[N_img, L, H]."""

@@ -7,8 +7,15 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
-def plot_curve(points: list[tuple[float, float]], path: str | Path, *, title: str = "", xlabel: str = "",
-               ylabel: str = "", size: tuple[int, int] = (720, 420)) -> None:
+def plot_curve(
+    points: list[tuple[float, float]],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size: tuple[int, int] = (720, 420),
+) -> None:
     """Draw y(x) with axes, min/max labels and a title; write a PNG to `path`."""
     W, H = size
     left, right, top, bottom = 70, 20, 40, 50
@@ -19,14 +26,18 @@ def plot_curve(points: list[tuple[float, float]], path: str | Path, *, title: st
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
 
     def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (W - left - right),
+            H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom),
+        )
 
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for k in range(1, 4):  # light grid
         gy = top + k * (H - top - bottom) / 4
         d.line([left, gy, W - right, gy], fill=(225, 225, 225))
-    d.line([to_px(x, y) for x, y in points] if len(points) > 1 else [to_px(xs[0], ys[0])] * 2, fill=(30, 90, 200), width=2)
+    d.line(
+        [to_px(x, y) for x, y in points] if len(points) > 1 else [to_px(xs[0], ys[0])] * 2, fill=(30, 90, 200), width=2
+    )
     d.text((W / 2 - 3 * len(title), 12), title, fill="black")
     d.text((left - 60, top - 5), f"{y1:.3g}", fill="black")
     d.text((left - 60, H - bottom - 8), f"{y0:.3g}", fill="black")

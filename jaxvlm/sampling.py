@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 
-def top_k_top_p_filtering(logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 1.0,
-                          filter_value: float = -jnp.inf) -> jax.Array:
+def top_k_top_p_filtering(
+    logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 1.0, filter_value: float = -jnp.inf
+) -> jax.Array:
     """float[B, V] -> float[B, V] with the removed entries set to `filter_value`.
 
     top_k (a static int, 0 = off): remove every logit strictly below the k-th largest
@@ -51,8 +52,15 @@ def top_k_top_p_filtering(logits: jax.Array, top_k: int = 0, top_p: float | jax.
     return logits
 
 
-def select_next_token(logits: jax.Array, key: jax.Array | None, *, greedy: bool, temperature: float | jax.Array = 1.0,
-                      top_k: int = 0, top_p: float | jax.Array = 1.0) -> jax.Array:
+def select_next_token(
+    logits: jax.Array,
+    key: jax.Array | None,
+    *,
+    greedy: bool,
+    temperature: float | jax.Array = 1.0,
+    top_k: int = 0,
+    top_p: float | jax.Array = 1.0,
+) -> jax.Array:
     """float[B, V] -> int32[B]: argmax when `greedy` (first index on ties, like torch.argmax),
     else a draw from softmax(top_k_top_p_filtering(logits) / temperature) with `key`."""
     if greedy:

@@ -38,7 +38,8 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,8 +95,10 @@ class MeshConfig:
                 raise ValueError(f"{name}: {n_devices} device(s) are not a multiple of {known}")
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) != n_devices:
-            raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-                             f"devices, but there are {n_devices}")
+            raise ValueError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+                f"devices, but there are {n_devices}"
+            )
         return tuple(sizes)
 
 
@@ -110,8 +113,10 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     shape = config.sizes(len(devices))
     n_proc = len({d.process_index for d in devices})
     if n_proc > 1 and (len(devices) // n_proc) % shape[2]:
-        raise ValueError(f"mesh tensor={shape[2]} spans processes ({len(devices) // n_proc} devices each); "
-                         "keep the tensor axis inside one process")
+        raise ValueError(
+            f"mesh tensor={shape[2]} spans processes ({len(devices) // n_proc} devices each); "
+            "keep the tensor axis inside one process"
+        )
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=axis_types)
 
@@ -122,12 +127,14 @@ def use_mesh(mesh: Mesh | None):
 
 
 # ---- logical names -> mesh axes -------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_unsplit(name: str, dim: int, axes: tuple) -> None:
     log.info("logical axis %r of size %d is not split over %s (not divisible)", name, dim, axes)
 
 
-def mesh_spec(names, shape, mesh_shape: Mapping[str, int], rules: Mapping[str, tuple[str, ...]] = RULES) -> PartitionSpec:
+def mesh_spec(
+    names, shape, mesh_shape: Mapping[str, int], rules: Mapping[str, tuple[str, ...]] = RULES
+) -> PartitionSpec:
     """PartitionSpec of mesh axes for an array of `shape` whose axes are named `names` (see module doc).
 
     >>> mesh_spec(("embed", "mlp"), (64, 160), {"data": 2, "fsdp": 2, "tensor": 2})
@@ -175,7 +182,9 @@ def tree_shardings(tree, mesh: Mesh):
     def one(x):
         if isinstance(x, nnx.Variable):  # its value may be an array or an empty node (optax's MaskedNode)
             names = x.get_metadata().get("out_sharding")
-            return jax.tree.map(lambda a: NamedSharding(mesh, mesh_spec(names or (None,) * len(a.shape), a.shape, shape)), x)
+            return jax.tree.map(
+                lambda a: NamedSharding(mesh, mesh_spec(names or (None,) * len(a.shape), a.shape, shape)), x
+            )
         return NamedSharding(mesh, mesh_spec((None,) * len(x.shape), x.shape, shape))
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -239,27 +248,38 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
             continue
         split = spec[1] if isinstance(spec[1], tuple) else (spec[1],) if spec[1] else ()
         if math.prod(shape[a] for a in split) != shape["data"] * shape["fsdp"]:
-            raise ValueError(f"batch array {key!r}: {x.shape[1]} rows per process x {n_proc} processes do not split "
-                             f"over data x fsdp = {shape['data'] * shape['fsdp']} devices")
+            raise ValueError(
+                f"batch array {key!r}: {x.shape[1]} rows per process x {n_proc} processes do not split "
+                f"over data x fsdp = {shape['data'] * shape['fsdp']} devices"
+            )
         out[key] = jax.make_array_from_process_local_data(sharding, x, global_shape)
     return out
 
 
 # ---- processes ------------------------------------------------------------------------------------
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """`jax.distributed.initialize` from flags, else the environment (JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID); nothing when neither names more than one process.
     Must run before anything touches the devices. Returns whether it initialised."""
     env = os.environ
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-    n = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None
+    n = (
+        num_processes
+        if num_processes is not None
+        else int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_NUM_PROCESSES")
+        else None
+    )
     pid = process_id if process_id is not None else int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None
     if n == 1 or (n is None and address is None):
         return False
     if address is None or n is None or pid is None:
-        raise ValueError("multi-process training needs --coordinator-address, --num-processes and --process-id "
-                         "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+        raise ValueError(
+            "multi-process training needs --coordinator-address, --num-processes and --process-id "
+            "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        )
     if not 0 <= pid < n:
         raise ValueError(f"--process-id {pid} is not in 0..{n - 1}")
     # CPU collectives across processes go through gloo (jax's default on recent releases; set

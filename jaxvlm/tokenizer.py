@@ -22,28 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import tokenizers
 
+from conversion.config import CHATML_TEMPLATE, DEFAULT_EXTRA_TOKENS
+from conversion.pretrained import SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 FALLBACK_EOS = "<|endoftext|>"
-
-
-def _default_extra_tokens() -> tuple[tuple[str, str], ...]:
-    from conversion.config import DEFAULT_EXTRA_TOKENS
-
-    return DEFAULT_EXTRA_TOKENS
-
-
-def _chatml_template() -> str:
-    from conversion.config import CHATML_TEMPLATE
-
-    return CHATML_TEMPLATE
 
 
 def _as_pairs(extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -66,8 +57,15 @@ class Tokenizer:
     Build it with `load_tokenizer(path)` or `from_config(cfg, path)`, not directly.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, base_vocab_size: int,
-                 extra_tokens: tuple[tuple[str, str], ...], eos_token: str, source: str):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        base_vocab_size: int,
+        extra_tokens: tuple[tuple[str, str], ...],
+        eos_token: str,
+        source: str,
+    ):
         self.backend = backend
         self.base_vocab_size = base_vocab_size
         self.extra_tokens: dict[str, str] = dict(extra_tokens)
@@ -98,7 +96,7 @@ class Tokenizer:
 
     @property
     def image_token_id(self) -> int:
-        self.image_token  # raises if absent
+        _ = self.image_token  # raises if absent
         return self.extra_token_ids["image_token"]
 
     @property
@@ -142,22 +140,27 @@ class Tokenizer:
             except (KeyError, TypeError):
                 raise ValueError(f"message {k} must be a mapping with 'role' and 'content', got {m!r}") from None
             if not isinstance(role, str) or not isinstance(content, str):
-                raise ValueError(f"message {k}: 'role' and 'content' must be strings, got {type(role).__name__} and {type(content).__name__}")
+                raise ValueError(
+                    f"message {k}: 'role' and 'content' must be strings, got {type(role).__name__} and {type(content).__name__}"
+                )
             parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n")
         return "".join(parts)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> list[int] | str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int] | str:
         """ChatML ids (or text with `tokenize=False`) of `messages` [{"role", "content"}, ...],
         as `transformers`' `apply_chat_template(..., add_special_tokens=False)` gives them."""
         text = self.render_chat(messages, add_generation_prompt)
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, extra_tokens={len(self.extra_tokens)}, "
-                f"eos={self.eos_token!r})")
+        return (
+            f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, extra_tokens={len(self.extra_tokens)}, "
+            f"eos={self.eos_token!r})"
+        )
 
 
 def _find_file(path: str | Path) -> Path:
@@ -174,7 +177,7 @@ def _find_file(path: str | Path) -> Path:
 
 def _read_eos(directory: Path) -> str | None:
     """`eos_token` from tokenizer_config.json, else special_tokens_map.json (a str or {"content": ...})."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):
         f = directory / name
         if not f.is_file():
             continue
@@ -190,8 +193,13 @@ def _read_eos(directory: Path) -> str | None:
     return None
 
 
-def load_tokenizer(path: str | Path, extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                   chat_template: str | None = None, *, eos_token: str | None = None) -> Tokenizer:
+def load_tokenizer(
+    path: str | Path,
+    extra_tokens: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    chat_template: str | None = None,
+    *,
+    eos_token: str | None = None,
+) -> Tokenizer:
     """Load a Hugging Face `tokenizer.json` (the file or its directory) and add the VLM tokens.
 
     Args:
@@ -205,19 +213,24 @@ def load_tokenizer(path: str | Path, extra_tokens: Mapping[str, str] | Iterable[
     Raises:
       FileNotFoundError naming the path; ValueError if the file is not a tokenizer.
     """
-    if chat_template is not None and " ".join(chat_template.split()) != " ".join(_chatml_template().split()):
-        raise ValueError("only the ChatML chat template (VLMConfig.lm_chat_template) is implemented; got a different template")
+    if chat_template is not None and " ".join(chat_template.split()) != " ".join(CHATML_TEMPLATE.split()):
+        raise ValueError(
+            "only the ChatML chat template (VLMConfig.lm_chat_template) is implemented; got a different template"
+        )
     file = _find_file(path)
     try:
         backend = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ValueError(f"{file} is not a Hugging Face tokenizer.json: {e}") from None
 
-    pairs = _as_pairs(_default_extra_tokens() if extra_tokens is None else extra_tokens)
+    pairs = _as_pairs(DEFAULT_EXTRA_TOKENS if extra_tokens is None else extra_tokens)
     size_before = backend.get_vocab_size(with_added_tokens=True)
     # A tokenizer saved with (some of) the extra tokens already at its end keeps their ids.
-    already = next(k for k in range(len(pairs), -1, -1)
-                   if all(backend.token_to_id(t) == size_before - k + i for i, (_, t) in enumerate(pairs[:k])))
+    already = next(
+        k
+        for k in range(len(pairs), -1, -1)
+        if all(backend.token_to_id(t) == size_before - k + i for i, (_, t) in enumerate(pairs[:k]))
+    )
     base = size_before - already
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for _, t in pairs])
     for i, (name, token) in enumerate(pairs):
@@ -241,7 +254,11 @@ def from_config(cfg, path: str | Path) -> Tokenizer:
     base vocabulary and total size agree with `cfg.lm_base_vocab_size` / `cfg.lm_vocab_size`."""
     tok = load_tokenizer(path, cfg.vlm_extra_tokens, cfg.lm_chat_template)
     if tok.base_vocab_size != cfg.lm_base_vocab_size:
-        raise ValueError(f"{tok.source}: base vocabulary {tok.base_vocab_size} != config lm_base_vocab_size {cfg.lm_base_vocab_size}")
+        raise ValueError(
+            f"{tok.source}: base vocabulary {tok.base_vocab_size} != config lm_base_vocab_size {cfg.lm_base_vocab_size}"
+        )
     if tok.vocab_size > cfg.lm_vocab_size:
-        raise ValueError(f"{tok.source}: {tok.vocab_size} tokens do not fit the config's lm_vocab_size {cfg.lm_vocab_size}")
+        raise ValueError(
+            f"{tok.source}: {tok.vocab_size} tokens do not fit the config's lm_vocab_size {cfg.lm_vocab_size}"
+        )
     return tok

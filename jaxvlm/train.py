@@ -22,18 +22,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from conversion.config import GROUPS, OptimConfig
+from conversion.recipe import GROUPS, IGNORE_INDEX, OptimConfig
 
 from . import sharding
-from .vision_language_model import VisionLanguageModel, cross_entropy
-
-
+from .vision_language_model import VisionLanguageModel
 
 
 def upstream_lr(step, max_lr: float, max_steps: int):
-    """Upstream's `get_lr`: linear warmup over 3% of max_steps (lr = max_lr*(step+1)/warmup, which
-    overshoots max_lr when warmup < 1 step, as upstream does), cosine decay to 0.1*max_lr at
-    max_steps, then flat. Works on traced steps (no Python branch on the value)."""
+    """`conversion.recipe.upstream_lr` on traced steps (no Python branch on the value)."""
     step = jnp.asarray(step, jnp.float32)
     min_lr, warmup = max_lr * 0.1, max_steps * 0.03
     warm = max_lr * (step + 1) / warmup if warmup > 0 else jnp.float32(max_lr)
@@ -77,22 +73,23 @@ def loss_fn(model: VisionLanguageModel, batch: dict) -> jax.Array:
     those K positions per row: every labelled position is among them, so the loss is the same
     as over all T positions, without the [B, T, V] logits (the head dominates a small model).
     """
-    hidden = model.hidden_states(batch["input_ids"], batch.get("images"), batch["attention_mask"],
-                                 batch.get("image_offsets"))
+    hidden = model.hidden_states(
+        batch["input_ids"], batch.get("images"), batch["attention_mask"], batch.get("image_offsets")
+    )
     labels = batch["labels"]
     if "label_positions" in batch:
         pos = batch["label_positions"]
         hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # (B, K, H)
         labels = jnp.take_along_axis(labels, pos, axis=1)  # (B, K)
-    return cross_entropy(model.decoder.logits(hidden), labels)
+    return model.token_loss(model.decoder.logits(hidden), labels)
 
 
 def label_positions(labels: np.ndarray, minimum: int = 8) -> np.ndarray:
-    """Host-side: int32[B, K] positions per row, the labelled ones (label != -100) first, K the
+    """Host-side: int32[B, K] positions per row, the labelled ones (label != IGNORE_INDEX) first, K the
     smallest power of two >= max labelled count per row (at least `minimum`, at most T), so
     the step compiles once per (T, N_max, K) bucket."""
     B, T = labels.shape
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     need = int(valid.sum(axis=1).max(initial=0))
     K = minimum
     while K < need:
@@ -179,17 +176,25 @@ class Trainer:
         if n_proc > 1 and self.mesh is not None:
             per_proc = sharding.batch_rows_per_process(self.mesh)
             if batch["input_ids"].shape[1] % per_proc:
-                raise ValueError(f"{batch['input_ids'].shape[1]} batch rows per process do not split over this "
-                                 f"process's {per_proc} batch shards: use a batch size that is a multiple of {per_proc}")
+                raise ValueError(
+                    f"{batch['input_ids'].shape[1]} batch rows per process do not split over this "
+                    f"process's {per_proc} batch shards: use a batch size that is a multiple of {per_proc}"
+                )
             if "images" in batch and batch["images"].shape[1] % per_proc:
                 images = batch["images"]
                 pad = per_proc - images.shape[1] % per_proc
-                batch["images"] = np.concatenate([images, np.zeros((images.shape[0], pad) + images.shape[2:], images.dtype)], 1)
+                batch["images"] = np.concatenate(
+                    [images, np.zeros((images.shape[0], pad) + images.shape[2:], images.dtype)], 1
+                )
             if "label_positions" in batch:
                 batch["label_positions"] = _agree_label_positions(batch["labels"], batch["label_positions"])
         if "images" in batch:
-            batch["image_offsets"] = image_offsets(batch["input_ids"], self.cfg.image_token_id,
-                                                   self.cfg.n_image_tokens, first=pid * batch["images"].shape[1])
+            batch["image_offsets"] = image_offsets(
+                batch["input_ids"],
+                self.cfg.image_token_id,
+                self.cfg.n_image_tokens,
+                first=pid * batch["images"].shape[1],
+            )
         return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
 
     def model(self, state: TrainState) -> VisionLanguageModel:
@@ -220,10 +225,16 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": jnp.mean(losses), "grad_norm": grad_norm,
-                   "tokens": jnp.sum(batch["attention_mask"]),
-                   **{f"lr_{g}": upstream_lr(state.step, lr, self.ocfg.max_training_steps)
-                      for g, lr in self.ocfg.group_lrs().items() if lr > 0}}
+        metrics = {
+            "loss": jnp.mean(losses),
+            "grad_norm": grad_norm,
+            "tokens": jnp.sum(batch["attention_mask"]),
+            **{
+                f"lr_{g}": upstream_lr(state.step, lr, self.ocfg.max_training_steps)
+                for g, lr in self.ocfg.group_lrs().items()
+                if lr > 0
+            },
+        }
         return TrainState(state.step + 1, params, state.rest, opt_state), metrics
 
     def _like_params(self, tree):
@@ -243,9 +254,3 @@ def _agree_label_positions(labels: np.ndarray, positions: np.ndarray) -> np.ndar
         return positions
     A, B, T = labels.shape
     return label_positions(labels.reshape(A * B, T), minimum=K).reshape(A, B, -1)
-
-
-def stack_micro_batches(micro_batches: list[dict]) -> dict:
-    """[{k: [B, ...]}] * A -> {k: [A, B, ...]} (all micro-batches must share a bucket shape)."""
-    keys = [k for k in micro_batches[0] if isinstance(micro_batches[0][k], np.ndarray)]
-    return {k: np.stack([mb[k] for mb in micro_batches]) for k in keys}

@@ -14,10 +14,12 @@ import numpy as np
 from flax import nnx
 
 from conversion.config import VLMConfig
+from conversion.recipe import IGNORE_INDEX
 
+from .kernels import Kernels, select
 from .language_model import LanguageModel
-from .layers import ModelDtypes
 from .modality_projector import ModalityProjector
+from .options import ModelOptions
 from .sharding import constrain
 from .vision_transformer import ViT
 
@@ -32,8 +34,13 @@ def check_image_tokens(input_ids, n_images: int, cfg: VLMConfig) -> None:
         )
 
 
-def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_embd: jax.Array, image_token_id: int,
-                           image_offsets: jax.Array | None = None) -> jax.Array:
+def merge_image_embeddings(
+    input_ids: jax.Array,
+    token_embd: jax.Array,
+    image_embd: jax.Array,
+    image_token_id: int,
+    image_offsets: jax.Array | None = None,
+) -> jax.Array:
     """Overwrite the image-token rows of token_embd [B, T, H], in row-major order over the batch,
     with image_embd [N_img, L, H] flattened to [N_img * L, H]. Shape-static (a cumsum-gather),
     so it jits once per shape; the count is checked outside jit by `check_image_tokens`.
@@ -45,7 +52,9 @@ def merge_image_embeddings(input_ids: jax.Array, token_embd: jax.Array, image_em
     """
     B, T, H = token_embd.shape
     is_image = input_ids == image_token_id  # (B, T)
-    flat = constrain(image_embd.reshape(-1, H).astype(token_embd.dtype), None, None)  # whole: any row may read any image
+    flat = constrain(
+        image_embd.reshape(-1, H).astype(token_embd.dtype), None, None
+    )  # whole: any row may read any image
     if image_offsets is None:
         slot = jnp.cumsum(is_image.reshape(-1)) - 1  # k-th image token takes row k
     else:
@@ -64,14 +73,17 @@ def embed_tokens(embedding: nnx.Embed, input_ids: jax.Array) -> jax.Array:
 
 
 class VisionLanguageModel(nnx.Module):
-    def __init__(self, cfg: VLMConfig, *, dtypes: ModelDtypes = ModelDtypes(), remat: bool = False, rngs: nnx.Rngs):
-        """`remat`: rematerialise every ViT and decoder block in the backward pass (less memory)."""
+    def __init__(self, cfg: VLMConfig, *, options: ModelOptions = ModelOptions(), rngs: nnx.Rngs):
+        """`cfg`: what the model is; `options`: how it is built (dtypes, remat, kernels)."""
         self.cfg = cfg
-        self.vision_encoder = ViT(cfg, dtypes, rngs=rngs, remat=remat)
-        self.decoder = LanguageModel(cfg, dtypes, rngs=rngs, remat=remat)
-        self.MP = ModalityProjector(cfg, dtypes, rngs=rngs)
+        self.options = options
+        self.vision_encoder = ViT(cfg, options, rngs=rngs)
+        self.decoder = LanguageModel(cfg, options, rngs=rngs)
+        self.MP = ModalityProjector(cfg, options, rngs=rngs)
 
-    def embed(self, input_ids: jax.Array, images: jax.Array | None, image_offsets: jax.Array | None = None) -> jax.Array:
+    def embed(
+        self, input_ids: jax.Array, images: jax.Array | None, image_offsets: jax.Array | None = None
+    ) -> jax.Array:
         """int[B, T], float[N_img, 3, S, S] or None -> float[B, T, H] with images merged in
         (`image_offsets` int[B] or None: see `merge_image_embeddings`)."""
         token_embd = constrain(embed_tokens(self.decoder.token_embedding, input_ids), "batch", "length", None)
@@ -99,22 +111,33 @@ class VisionLanguageModel(nnx.Module):
             check_image_tokens(input_ids, 0 if images is None else images.shape[0], self.cfg)
         return self.decoder.logits(self.hidden_states(input_ids, images, attention_mask))
 
-    def hidden_states(self, input_ids: jax.Array, images: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None, image_offsets: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        images: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        image_offsets: jax.Array | None = None,
+    ) -> jax.Array:
         """The decoder's final hidden states float[B, T, H], before the head (no input checks)."""
         return self.decoder(self.embed(input_ids, images, image_offsets), attention_mask)
 
+    def token_loss(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+        """`cross_entropy` through this model's kernels: float[B, T, V], int[B, T] -> float32[]."""
+        return cross_entropy(logits, targets, kernels=self.decoder.kernels)
+
     # ---- checkpoints -----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtypes: ModelDtypes = ModelDtypes(), strict_config: bool = True):
+    def from_pretrained(
+        cls, directory: str | Path, *, options: ModelOptions = ModelOptions(), strict_config: bool = True
+    ):
         """Load a nanoVLM checkpoint directory (config.json + model.safetensors) through `conversion`."""
-        from .checkpoint import load_nanovlm
+        from .pretrained import load_nanovlm
 
-        return load_nanovlm(directory, dtypes=dtypes, strict_config=strict_config)
+        return load_nanovlm(directory, options=options, strict_config=strict_config)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the nanoVLM directory format that upstream and torch_ref load."""
-        from .checkpoint import save_nanovlm
+        from .pretrained import save_nanovlm
 
         save_nanovlm(self, directory)
 
@@ -125,42 +148,12 @@ def forward(model: VisionLanguageModel, input_ids, images=None, attention_mask=N
     return model(input_ids, images, attention_mask)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -100) -> jax.Array:
-    """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy).
-
-    The per-token loss has a hand-written backward (`_token_nll`): d logits = (softmax - one_hot)
-    * g as one pass over [.., V] (exp computed once, in the forward) plus a scatter of -g at the
-    targets, instead of autodiff's log_softmax + take_along_axis transposes (a zero [.., V]
-    buffer, a one-hot and several [.., V] passes; 0.9 s of a 7.1 s 222m CPU train step).
-    """
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, ignore_index: int = IGNORE_INDEX, *, kernels: Kernels | None = None
+) -> jax.Array:
+    """Mean token cross-entropy in float32 over targets != ignore_index (torch's F.cross_entropy),
+    through `kernels.token_nll` (default: the backend's, `jaxvlm.kernels.select()`)."""
+    kernels = kernels or select()
     valid = targets != ignore_index
-    nll = _token_nll(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
+    nll = kernels.token_nll(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
-
-
-@jax.custom_vjp
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target]: float32[..., V], int[...] -> float32[...]."""
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    m = jnp.max(logits, axis=-1)
-    e = jnp.exp(logits - m[..., None])  # kept for the backward: exp is computed once
-    total = jnp.sum(e, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return m + jnp.log(total) - picked, (e, total, targets)
-
-
-def _token_nll_bwd(res, g):
-    e, total, targets = res
-    d_logits = e * (g / total)[..., None]  # softmax * g
-    # minus g at each target: a scatter of one element per row, not a [.., V] one-hot pass
-    # ((row, column) indices: a flat row * V + column overflows int32 past 2^31 / V rows)
-    V = e.shape[-1]
-    rows = jnp.arange(targets.size)
-    d_logits = d_logits.reshape(-1, V).at[rows, targets.reshape(-1)].add(-g.reshape(-1), unique_indices=True)
-    return d_logits.reshape(e.shape), None
-
-
-_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)

@@ -27,7 +27,6 @@ import torch.nn as nn  # noqa: E402
 
 from conversion.config import VLMConfig  # noqa: E402
 from conversion.mapping import KINDS, mapping  # noqa: E402
-
 from jaxvlm import host_memory  # noqa: E402
 
 torch.set_default_dtype(torch.float32)
@@ -80,7 +79,9 @@ def assert_close(name: str, got, want, rel_tol: float, *, scale: float | None = 
     err = float(np.abs(got - want).max())
     rel = err / scale
     record(name, f"max|diff| {err:.2e} = {rel:.2e} x max|ref| {scale:.3g} (tol {rel_tol:.0e} relative)")
-    assert err <= rel_tol * scale, f"{name}: max|diff| {err:.2e} = {rel:.2e} relative (tol {rel_tol:.0e}), max|ref| {scale:.3g}"
+    assert err <= rel_tol * scale, (
+        f"{name}: max|diff| {err:.2e} = {rel:.2e} relative (tol {rel_tol:.0e}), max|ref| {scale:.3g}"
+    )
     return rel
 
 
@@ -151,7 +152,9 @@ def _split_path(dotted: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in dotted.split(".") if p)
 
 
-def torch_to_nnx_flat(tmod: nn.Module, *, cfg: VLMConfig | None = None, prefix: str | None = None) -> dict[tuple, np.ndarray]:
+def torch_to_nnx_flat(
+    tmod: nn.Module, *, cfg: VLMConfig | None = None, prefix: str | None = None
+) -> dict[tuple, np.ndarray]:
     """{NNX path relative to the submodule: array} for every parameter and persistent buffer of
     `tmod`, each leaf found in `KINDS[kind]` by its torch name and transformed with that leaf's
     named transform. A tied head (a Linear whose weight is an already-seen tensor) is skipped:
@@ -174,7 +177,9 @@ def torch_to_nnx_flat(tmod: nn.Module, *, cfg: VLMConfig | None = None, prefix: 
             continue  # tied head
         leaves = {leaf.torch: leaf for leaf in KINDS[kind]}
         if kind != "tensor":
-            assert {n for n, _ in direct} == set(leaves), f"{mname}: tensors {[n for n, _ in direct]} != kind {kind} leaves {list(leaves)}"
+            assert {n for n, _ in direct} == set(leaves), (
+                f"{mname}: tensors {[n for n, _ in direct]} != kind {kind} leaves {list(leaves)}"
+            )
         for tname, t in direct:
             seen.add(id(t))
             n_tensors += 1
@@ -190,8 +195,12 @@ def torch_to_nnx_flat(tmod: nn.Module, *, cfg: VLMConfig | None = None, prefix: 
                 entry = entries.get(key)
                 if entry is None:  # tied: the file stores the embedding once, as the head
                     entry = by_path[full_path]
-                    assert cfg.lm_tie_weights and entry.torch_key == "decoder.head.weight", f"{key} is not in the mapping"
-                assert entry.transform == leaf.transform, f"{key}: mapping says {entry.transform.name}, kind {kind} says {leaf.transform.name}"
+                    assert cfg.lm_tie_weights and entry.torch_key == "decoder.head.weight", (
+                        f"{key} is not in the mapping"
+                    )
+                assert entry.transform == leaf.transform, (
+                    f"{key}: mapping says {entry.transform.name}, kind {kind} says {leaf.transform.name}"
+                )
                 assert entry.jax_path == full_path, f"{key}: {entry.jax_path} != {full_path}"
     assert len(flat) == n_tensors, "two torch tensors mapped to one NNX path"
     return flat
@@ -199,9 +208,9 @@ def torch_to_nnx_flat(tmod: nn.Module, *, cfg: VLMConfig | None = None, prefix: 
 
 def copy_torch_to_nnx(tmod: nn.Module, jmod, *, cfg: VLMConfig | None = None, prefix: str | None = None):
     """Copy a torch submodule's weights into the matching NNX submodule (identical attribute
-    paths) via `jaxvlm.checkpoint.load_flat_state`, which is strict: every NNX variable must be
+    paths) via `jaxvlm.pretrained.load_flat_state`, which is strict: every NNX variable must be
     set, with its exact shape, and no path may be left over."""
-    from jaxvlm.checkpoint import load_flat_state
+    from jaxvlm.pretrained import load_flat_state
 
     load_flat_state(jmod, torch_to_nnx_flat(tmod, cfg=cfg, prefix=prefix), source=f"torch {type(tmod).__name__}")
     return jmod

@@ -28,9 +28,9 @@ from flax import nnx  # noqa: E402
 
 from conversion import OptimConfig, VLMConfig  # noqa: E402
 from jaxvlm import sharding  # noqa: E402
-from jaxvlm.checkpointing import TrainCheckpoints  # noqa: E402
 from jaxvlm.generate import generate  # noqa: E402
 from jaxvlm.train import Trainer, label_positions  # noqa: E402
+from jaxvlm.train_checkpoints import TrainCheckpoints  # noqa: E402
 from jaxvlm.vision_language_model import VisionLanguageModel  # noqa: E402
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
@@ -50,12 +50,12 @@ def micro_batch(cfg: VLMConfig, rng: np.random.Generator) -> dict[str, np.ndarra
         row = rng.integers(0, cfg.lm_base_vocab_size, T - n_pad)
         if b in IMAGE_ROWS:
             start = int(rng.integers(0, 10))
-            row[start:start + L] = cfg.image_token_id
+            row[start : start + L] = cfg.image_token_id
         ids[b, n_pad:], mask[b, n_pad:] = row, 1
         n = int(rng.integers(3, 9))
-        labels[b, T - n - 1:T - 1] = ids[b, T - n:]
+        labels[b, T - n - 1 : T - 1] = ids[b, T - n :]
     images = np.zeros((N_MAX, 3, S, S), np.float32)
-    images[:len(IMAGE_ROWS)] = rng.random((len(IMAGE_ROWS), 3, S, S), dtype=np.float32)
+    images[: len(IMAGE_ROWS)] = rng.random((len(IMAGE_ROWS), 3, S, S), dtype=np.float32)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images}
 
 
@@ -114,7 +114,7 @@ def specs(state) -> dict[str, str]:
     for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
         key = jax.tree_util.keystr(path)
         if ".mu" in key:  # e.g. [0][0].inner_states['language'].inner_state[0].mu['decoder']['blocks'][0]...
-            out["mu" + key[key.index(".mu") + 3:]] = str(x.sharding.spec)
+            out["mu" + key[key.index(".mu") + 3 :]] = str(x.sharding.spec)
     return out
 
 
@@ -157,10 +157,15 @@ def run_meshes(ckpt_dir: str) -> dict:
             checkpoints.close()
         trainers[name], finals[name] = trainer, state
         err, worst = param_error(flat_params(state), ref)
-        result["meshes"][name] = {"losses": losses, "param_error": err, "worst": worst, "specs": specs(state),
-                                  "batch_spec": str(trainer.place_batch(groups[0])["input_ids"].sharding.spec),
-                                  "images_spec": str(trainer.place_batch(groups[0])["images"].sharding.spec),
-                                  "compiles": trainer.compiles}
+        result["meshes"][name] = {
+            "losses": losses,
+            "param_error": err,
+            "worst": worst,
+            "specs": specs(state),
+            "batch_spec": str(trainer.place_batch(groups[0])["input_ids"].sharding.spec),
+            "images_spec": str(trainer.place_batch(groups[0])["images"].sharding.spec),
+            "compiles": trainer.compiles,
+        }
 
     # The 2x4x1 checkpoint of step 2, restored onto 8x1x1 (its shardings), then step 3 there.
     t81 = trainers["8x1x1"]
@@ -173,18 +178,24 @@ def run_meshes(ckpt_dir: str) -> dict:
     _, cont, cont_losses = train(None, state=restored, trainer=t81, first=2, last=STEPS)
     original = result["meshes"]["2x4x1"]
     err_vs_original, worst = param_error(flat_params(cont), flat_params(finals["2x4x1"]))
-    result["restore"] = {"step": meta["step"], "restored_exact": restored_exact, "specs": restored_specs,
-                         "losses": cont_losses, "original_losses": original["losses"][2:],
-                         "param_error_vs_original": err_vs_original, "worst": worst,
-                         "param_error_vs_reference": param_error(flat_params(cont), ref)[0],
-                         "compiles_8x1x1": t81.compiles}
+    result["restore"] = {
+        "step": meta["step"],
+        "restored_exact": restored_exact,
+        "specs": restored_specs,
+        "losses": cont_losses,
+        "original_losses": original["losses"][2:],
+        "param_error_vs_original": err_vs_original,
+        "worst": worst,
+        "param_error_vs_reference": param_error(flat_params(cont), ref)[0],
+        "compiles_8x1x1": t81.compiles,
+    }
 
     # Greedy generation: a freshly initialised model (its own small init, so greedy decoding does
     # not just repeat a token) with every variable placed on the 2x2x2 mesh, vs the same on one device.
     rng = np.random.default_rng(5)
     L = cfg.n_image_tokens
     ids = rng.integers(0, cfg.lm_base_vocab_size, (2, 20)).astype(np.int32)
-    ids[0, 3:3 + L] = ids[1, 8:8 + L] = cfg.image_token_id
+    ids[0, 3 : 3 + L] = ids[1, 8 : 8 + L] = cfg.image_token_id
     mask = np.ones_like(ids)
     mask[1, :4] = 0  # left padding
     images = rng.random((2, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32)
@@ -192,12 +203,14 @@ def run_meshes(ckpt_dir: str) -> dict:
     graphdef, state = nnx.split(host_model)
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
     sharded_model = nnx.merge(graphdef, sharding.place(state, sharding.tree_shardings(state, mesh)))
-    tok_sharded, logits_sharded = generate(sharded_model, ids, images, mask, max_new_tokens=8, greedy=True,
-                                           return_logits=True)
+    tok_sharded, logits_sharded = generate(
+        sharded_model, ids, images, mask, max_new_tokens=8, greedy=True, return_logits=True
+    )
     tok_host, logits_host = generate(host_model, ids, images, mask, max_new_tokens=8, greedy=True, return_logits=True)
     scale = float(np.abs(np.asarray(logits_host)).max())
     result["generate"] = {
-        "sharded_tokens": np.asarray(tok_sharded).tolist(), "host_tokens": np.asarray(tok_host).tolist(),
+        "sharded_tokens": np.asarray(tok_sharded).tolist(),
+        "host_tokens": np.asarray(tok_host).tolist(),
         "logits_error": float(np.abs(np.asarray(logits_sharded) - np.asarray(logits_host)).max()) / scale,
         "weights_spec": str(sharded_model.decoder.blocks[0].mlp.gate_proj.kernel[...].sharding.spec),
         "embedding_spec": str(sharded_model.decoder.token_embedding.embedding[...].sharding.spec),
@@ -206,11 +219,13 @@ def run_meshes(ckpt_dir: str) -> dict:
     # bf16 compute (fp32 master weights) on the 2x2x2 mesh vs on one device, 2 steps.
     import jax.numpy as jnp
 
-    from jaxvlm.layers import ModelDtypes
+    from jaxvlm.options import ModelOptions
 
     bf16 = {}
     for name, mesh in (("1", None), ("2x2x2", sharding.make_mesh(sharding.MeshConfig(2, 2, 2)))):
-        model = randomize(VisionLanguageModel(cfg, dtypes=ModelDtypes(compute=jnp.bfloat16), rngs=nnx.Rngs(0)), 0)
+        model = randomize(
+            VisionLanguageModel(cfg, options=ModelOptions(compute_dtype=jnp.bfloat16), rngs=nnx.Rngs(0)), 0
+        )
         trainer = Trainer(model, ocfg, mesh=mesh)
         state = trainer.init_state(model)
         losses = []
@@ -219,10 +234,15 @@ def run_meshes(ckpt_dir: str) -> dict:
             losses.append(float(m["loss"]))
         bf16[name] = (losses, flat_params(state), specs(state) if mesh is not None else None)
     err, worst = param_error(bf16["2x2x2"][1], bf16["1"][1])
-    result["bf16"] = {"losses_1": bf16["1"][0], "losses_mesh": bf16["2x2x2"][0], "fp32_losses": ref_losses[:2],
-                      "param_error": err, "worst": worst,
-                      "dtypes": sorted({str(a.dtype) for a in bf16["2x2x2"][1].values()}),
-                      "gate_spec": bf16["2x2x2"][2]["decoder/blocks/0/mlp/gate_proj/kernel"]}
+    result["bf16"] = {
+        "losses_1": bf16["1"][0],
+        "losses_mesh": bf16["2x2x2"][0],
+        "fp32_losses": ref_losses[:2],
+        "param_error": err,
+        "worst": worst,
+        "dtypes": sorted({str(a.dtype) for a in bf16["2x2x2"][1].values()}),
+        "gate_spec": bf16["2x2x2"][2]["decoder/blocks/0/mlp/gate_proj/kernel"],
+    }
     return result
 
 

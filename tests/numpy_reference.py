@@ -87,16 +87,26 @@ def vit_attention(x, sd, p, n_heads):
 
 def vit_block(x, sd, p, cfg):
     eps = cfg.vit_ln_eps
-    x = x + vit_attention(layer_norm(x, sd[f"{p}.ln1.weight"], sd[f"{p}.ln1.bias"], eps), sd, f"{p}.attn", cfg.vit_n_heads)
+    x = x + vit_attention(
+        layer_norm(x, sd[f"{p}.ln1.weight"], sd[f"{p}.ln1.bias"], eps), sd, f"{p}.attn", cfg.vit_n_heads
+    )
     h = layer_norm(x, sd[f"{p}.ln2.weight"], sd[f"{p}.ln2.bias"], eps)
-    h = linear(gelu_tanh(linear(h, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])), sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+    h = linear(
+        gelu_tanh(linear(h, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])),
+        sd[f"{p}.mlp.fc2.weight"],
+        sd[f"{p}.mlp.fc2.bias"],
+    )
     return x + h
 
 
 def vit(images, sd, cfg, p="vision_encoder"):
     """images [n, 3, S, S] in [0, 1] (no normalisation) -> [n, N, D]."""
-    x = patch_embedding(images, sd[f"{p}.patch_embedding.conv.weight"], sd[f"{p}.patch_embedding.conv.bias"],
-                        sd[f"{p}.patch_embedding.position_embedding"])
+    x = patch_embedding(
+        images,
+        sd[f"{p}.patch_embedding.conv.weight"],
+        sd[f"{p}.patch_embedding.conv.bias"],
+        sd[f"{p}.patch_embedding.position_embedding"],
+    )
     for i in range(cfg.vit_n_blocks):
         x = vit_block(x, sd, f"{p}.blocks.{i}", cfg)
     return layer_norm(x, sd[f"{p}.layer_norm.weight"], sd[f"{p}.layer_norm.bias"], cfg.vit_ln_eps)
@@ -116,7 +126,9 @@ def pixel_shuffle(x, s):
         for j in range(g):
             for di in range(s):
                 for dj in range(s):
-                    out[:, i * g + j, (di * s + dj) * D : (di * s + dj + 1) * D] = x[:, (i * s + di) * side + (j * s + dj)]
+                    out[:, i * g + j, (di * s + dj) * D : (di * s + dj + 1) * D] = x[
+                        :, (i * s + di) * side + (j * s + dj)
+                    ]
     return out
 
 
@@ -196,7 +208,9 @@ def decoder(x, sd, cfg, attention_mask=None, p="decoder"):
     """Embeddings [B, T, H] at positions 0..T-1 (every row, whatever the padding) -> hidden [B, T, H]."""
     B, T, _ = x.shape
     positions = np.broadcast_to(np.arange(T), (B, T))
-    cos, sin = rope_cos_sin(positions, sd[f"{p}.rotary_embd.inv_freq"], cfg.lm_max_position_embeddings, cfg.lm_attn_scaling)
+    cos, sin = rope_cos_sin(
+        positions, sd[f"{p}.rotary_embd.inv_freq"], cfg.lm_max_position_embeddings, cfg.lm_attn_scaling
+    )
     for i in range(cfg.lm_n_blocks):
         x = decoder_block(x, sd, f"{p}.blocks.{i}", cfg, cos, sin, attention_mask)
     return rms_norm(x, sd[f"{p}.norm.weight"], cfg.lm_rms_eps)

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, make_batch, tiny_cfg
 from PIL import Image
 
-import jaxvlm
 import torch_ref
-from conftest import ROOT, make_batch, tiny_cfg
-from conversion import CheckpointError, load_safetensors, read_checkpoint, save_safetensors, write_checkpoint
+from conversion import CheckpointError, read_checkpoint, save_safetensors, write_checkpoint
 from conversion.hf import _language_expected, _vision_expected, build_from_hf
 
 SHARED = ROOT.parent / "shared"
 SMOLLM2 = SHARED / "data" / "smollm2"
-needs_tokenizer = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
-                                     reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)")
+needs_tokenizer = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file(),
+    reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)",
+)
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
@@ -42,11 +43,31 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 # ---- Hugging Face backbone directories written with numpy (no transformers needed) ----------
-VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
-LANGUAGE = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
-                max_position_embeddings=512, tie_word_embeddings=True, hidden_act="silu")
+VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh",
+)
+LANGUAGE = dict(
+    model_type="llama",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 SETTINGS = dict(mp_pixel_shuffle_factor=2, max_img_size=64)
 
 
@@ -105,40 +126,134 @@ def _shard(d: Path, i: int = 1) -> Path:
 
 # (which backbone, corruption, regexes the message must match)
 HF_CASES = {
-    "truncated_vision_file": ("v", lambda d: _truncate(d / "model.safetensors"),
-                              [r"siglip/model\.safetensors is not a valid safetensors file", "truncated"]),
-    "truncated_language_shard": ("l", lambda d: _truncate(_shard(d)), [r"model-00002-of-00002\.safetensors is not a valid safetensors file"]),
-    "garbage_header": ("l", lambda d: _shard(d, 0).write_bytes(struct.pack("<Q", 12) + b"{not json!!}"),
-                       [r"model-00001-of-00002\.safetensors is not a valid safetensors file: header is not JSON"]),
-    "empty_weights_file": ("v", lambda d: (d / "model.safetensors").write_bytes(b""), [r"model\.safetensors is not a valid safetensors file \(0 bytes\)"]),
-    "missing_shard": ("l", lambda d: _shard(d).unlink(), [r"weights file not found: .*model-00002-of-00002\.safetensors"]),
-    "index_lists_absent_key": ("l", lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {**json.loads((d / "model.safetensors.index.json").read_text())["weight_map"],
-                        "model.layers.9.mlp.up_proj.weight": _shard(d).name}})),
-        [r"model\.safetensors\.index\.json: the weight_map lists key\(s\) missing from their shard: model\.layers\.9\.mlp\.up_proj\.weight"]),
-    "no_weights": ("v", lambda d: (d / "model.safetensors").unlink(), [r"siglip has neither model\.safetensors nor model\.safetensors\.index\.json"]),
-    "only_pytorch_bin": ("v", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), [r"found pytorch_model\.bin: only safetensors"]),
+    "truncated_vision_file": (
+        "v",
+        lambda d: _truncate(d / "model.safetensors"),
+        [r"siglip/model\.safetensors is not a valid safetensors file", "truncated"],
+    ),
+    "truncated_language_shard": (
+        "l",
+        lambda d: _truncate(_shard(d)),
+        [r"model-00002-of-00002\.safetensors is not a valid safetensors file"],
+    ),
+    "garbage_header": (
+        "l",
+        lambda d: _shard(d, 0).write_bytes(struct.pack("<Q", 12) + b"{not json!!}"),
+        [r"model-00001-of-00002\.safetensors is not a valid safetensors file: header is not JSON"],
+    ),
+    "empty_weights_file": (
+        "v",
+        lambda d: (d / "model.safetensors").write_bytes(b""),
+        [r"model\.safetensors is not a valid safetensors file \(0 bytes\)"],
+    ),
+    "missing_shard": (
+        "l",
+        lambda d: _shard(d).unlink(),
+        [r"weights file not found: .*model-00002-of-00002\.safetensors"],
+    ),
+    "index_lists_absent_key": (
+        "l",
+        lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        **json.loads((d / "model.safetensors.index.json").read_text())["weight_map"],
+                        "model.layers.9.mlp.up_proj.weight": _shard(d).name,
+                    }
+                }
+            )
+        ),
+        [
+            r"model\.safetensors\.index\.json: the weight_map lists key\(s\) missing from their shard: model\.layers\.9\.mlp\.up_proj\.weight"
+        ],
+    ),
+    "no_weights": (
+        "v",
+        lambda d: (d / "model.safetensors").unlink(),
+        [r"siglip has neither model\.safetensors nor model\.safetensors\.index\.json"],
+    ),
+    "only_pytorch_bin": (
+        "v",
+        lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+        [r"found pytorch_model\.bin: only safetensors"],
+    ),
     "no_config": ("l", lambda d: (d / "config.json").unlink(), [r"llama has no config\.json"]),
-    "config_not_json": ("v", lambda d: (d / "config.json").write_text("{oops"), [r"siglip/config\.json is not valid JSON"]),
+    "config_not_json": (
+        "v",
+        lambda d: (d / "config.json").write_text("{oops"),
+        [r"siglip/config\.json is not valid JSON"],
+    ),
     # config.json disagreeing with the weights
-    "more_layers_than_weights": ("l", lambda d: _config(d, num_hidden_layers=3),
-                                 [r"missing key\(s\): model\.layers\.2\.self_attn\.q_proj\.weight", r"llama/config\.json"]),
-    "fewer_layers_than_weights": ("v", lambda d: _config(d, num_hidden_layers=1),
-                                  [r"unexpected key\(s\): encoder\.layers\.1\.layer_norm1\.bias", r"siglip/config\.json"]),
-    "hidden_size_disagrees": ("l", lambda d: _config(d, hidden_size=96),
-                              [r"model\.embed_tokens\.weight \(in model-0000\d-of-00002\.safetensors\) has shape \(320, 64\), .*llama/config\.json implies \(320, 96\)"]),
-    "image_size_disagrees": ("v", lambda d: _config(d, image_size=64),
-                             [r"embeddings\.position_embedding\.weight \(in model\.safetensors\) has shape \(16, 32\), .*siglip/config\.json implies \(64, 32\)"]),
-    "untied_without_lm_head": ("l", lambda d: _config(d, tie_word_embeddings=False), [r"missing key\(s\): lm_head\.weight"]),
+    "more_layers_than_weights": (
+        "l",
+        lambda d: _config(d, num_hidden_layers=3),
+        [r"missing key\(s\): model\.layers\.2\.self_attn\.q_proj\.weight", r"llama/config\.json"],
+    ),
+    "fewer_layers_than_weights": (
+        "v",
+        lambda d: _config(d, num_hidden_layers=1),
+        [r"unexpected key\(s\): encoder\.layers\.1\.layer_norm1\.bias", r"siglip/config\.json"],
+    ),
+    "hidden_size_disagrees": (
+        "l",
+        lambda d: _config(d, hidden_size=96),
+        [
+            r"model\.embed_tokens\.weight \(in model-0000\d-of-00002\.safetensors\) has shape \(320, 64\), .*llama/config\.json implies \(320, 96\)"
+        ],
+    ),
+    "image_size_disagrees": (
+        "v",
+        lambda d: _config(d, image_size=64),
+        [
+            r"embeddings\.position_embedding\.weight \(in model\.safetensors\) has shape \(16, 32\), .*siglip/config\.json implies \(64, 32\)"
+        ],
+    ),
+    "untied_without_lm_head": (
+        "l",
+        lambda d: _config(d, tie_word_embeddings=False),
+        [r"missing key\(s\): lm_head\.weight"],
+    ),
     # fields missing or features nanoVLM does not have
-    "missing_field": ("l", lambda d: _config(d, hidden_size=None), [r"llama/config\.json: missing config field\(s\): hidden_size"]),
-    "wrong_model_type": ("l", lambda d: _config(d, model_type="mistral"), [r"unsupported language model_type 'mistral'"]),
-    "vision_dir_is_not_siglip": ("v", lambda d: _config(d, model_type="clip_vision_model"), [r"unsupported vision model_type 'clip_vision_model'"]),
-    "siglip2_naflex": ("v", lambda d: _config(d, model_type="siglip2_vision_model"), [r"SigLIP2 NaFlex.* not supported"]),
-    "rope_scaling": ("l", lambda d: _config(d, rope_scaling={"rope_type": "linear", "factor": 2.0}), [r"rope_scaling rope_type 'linear' is not supported"]),
-    "attention_bias": ("l", lambda d: _config(d, attention_bias=True), [r"not supported: attention_bias / mlp_bias true"]),
-    "other_activation": ("v", lambda d: _config(d, hidden_act="gelu"), [r"hidden_act 'gelu' is not supported.*gelu_pytorch_tanh"]),
-    "odd_head_dim": ("l", lambda d: _config(d, head_dim=32), [r"head_dim 32 with hidden_size 64 and num_attention_heads 4"]),
+    "missing_field": (
+        "l",
+        lambda d: _config(d, hidden_size=None),
+        [r"llama/config\.json: missing config field\(s\): hidden_size"],
+    ),
+    "wrong_model_type": (
+        "l",
+        lambda d: _config(d, model_type="mistral"),
+        [r"unsupported language model_type 'mistral'"],
+    ),
+    "vision_dir_is_not_siglip": (
+        "v",
+        lambda d: _config(d, model_type="clip_vision_model"),
+        [r"unsupported vision model_type 'clip_vision_model'"],
+    ),
+    "siglip2_naflex": (
+        "v",
+        lambda d: _config(d, model_type="siglip2_vision_model"),
+        [r"SigLIP2 NaFlex.* not supported"],
+    ),
+    "rope_scaling": (
+        "l",
+        lambda d: _config(d, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        [r"rope_scaling rope_type 'linear' is not supported"],
+    ),
+    "attention_bias": (
+        "l",
+        lambda d: _config(d, attention_bias=True),
+        [r"not supported: attention_bias / mlp_bias true"],
+    ),
+    "other_activation": (
+        "v",
+        lambda d: _config(d, hidden_act="gelu"),
+        [r"hidden_act 'gelu' is not supported.*gelu_pytorch_tanh"],
+    ),
+    "odd_head_dim": (
+        "l",
+        lambda d: _config(d, head_dim=32),
+        [r"head_dim 32 with hidden_size 64 and num_attention_heads 4"],
+    ),
 }
 
 
@@ -157,14 +272,27 @@ def test_bad_hf_backbone(case, hf):
     assert not out.exists() and not list(out.parent.glob(".out.tmp-*")), f"{case}: something was written"
 
 
-@pytest.mark.parametrize("settings,pattern", [
-    ({"mp_pixel_shuffle_factor": 3, "max_img_size": 64}, r"patch grid side 4 is not divisible by mp_pixel_shuffle_factor 3"),
-    ({**SETTINGS, "mp_image_token_length": 9}, r"mp_image_token_length 9 != .* = 4"),
-    ({"mp_pixel_shuffle_factor": 2}, r"max_img_size 2048 gives a 64x64 tile grid .* use max_img_size <= 256"),
-    ({**SETTINGS, "vit_img_size": 64}, r"position embeddings are for image_size 32; vit_img_size 64 would need them interpolated"),
-    ({**SETTINGS, "max_img_size": 48}, r"max_img_size 48 must be a multiple of the tile size 32"),
-    ({**SETTINGS, "lm_hidden_dim": 8}, r"unknown VLM setting\(s\): lm_hidden_dim .*architecture numbers come from the backbones"),
-], ids=["shuffle_factor", "token_length", "too_many_tiles", "image_size", "max_img_size", "architecture_field"])
+@pytest.mark.parametrize(
+    "settings,pattern",
+    [
+        (
+            {"mp_pixel_shuffle_factor": 3, "max_img_size": 64},
+            r"patch grid side 4 is not divisible by mp_pixel_shuffle_factor 3",
+        ),
+        ({**SETTINGS, "mp_image_token_length": 9}, r"mp_image_token_length 9 != .* = 4"),
+        ({"mp_pixel_shuffle_factor": 2}, r"max_img_size 2048 gives a 64x64 tile grid .* use max_img_size <= 256"),
+        (
+            {**SETTINGS, "vit_img_size": 64},
+            r"position embeddings are for image_size 32; vit_img_size 64 would need them interpolated",
+        ),
+        ({**SETTINGS, "max_img_size": 48}, r"max_img_size 48 must be a multiple of the tile size 32"),
+        (
+            {**SETTINGS, "lm_hidden_dim": 8},
+            r"unknown VLM setting\(s\): lm_hidden_dim .*architecture numbers come from the backbones",
+        ),
+    ],
+    ids=["shuffle_factor", "token_length", "too_many_tiles", "image_size", "max_img_size", "architecture_field"],
+)
 def test_bad_vlm_settings(settings, pattern, hf):
     v, l_dir, out = hf
     with pytest.raises(ValueError, match=pattern):
@@ -176,7 +304,9 @@ def test_bad_vlm_settings(settings, pattern, hf):
 def test_hf_tokenizer_that_does_not_fit(hf):
     v, l_dir, out = hf
     shutil.copyfile(SMOLLM2 / "tokenizer.json", l_dir / "tokenizer.json")
-    with pytest.raises(CheckpointError, match=r"tokenizer\.json has 49152 tokens but .*config\.json has vocab_size 320"):
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.json has 49152 tokens but .*config\.json has vocab_size 320"
+    ):
         build_from_hf(v, l_dir, out, **SETTINGS)
     (l_dir / "tokenizer.json").write_text('{"version": "1.0", "model": 17}')
     with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a Hugging Face tokenizer\.json"):
@@ -257,7 +387,7 @@ def test_training_checkpoint_disk_full_keeps_the_previous_checkpoint(tmp_path, m
     import jax.numpy as jnp
     from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
 
-    from jaxvlm.checkpointing import TrainCheckpoints
+    from jaxvlm.train_checkpoints import TrainCheckpoints
 
     state = {"w": jnp.arange(6.0), "b": jnp.ones((2, 2))}
     ckpts = TrainCheckpoints(tmp_path, keep=3)
@@ -287,10 +417,14 @@ def test_training_checkpoint_disk_full_keeps_the_previous_checkpoint(tmp_path, m
 # ---- images ---------------------------------------------------------------------------------
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels but holds almost no data (a decompression bomb)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _png(size=(40, 24)) -> bytes:
@@ -305,9 +439,15 @@ BAD_IMAGES = {
     "empty_file": (b"", r"empty image (file|bytes)"),
     "text_file": (b"this is not an image\n" * 10, r"not an image file"),
     "truncated_png": (_png()[:120], r"corrupt image data|cannot read image"),
-    "corrupt_png_body": (_png()[:60] + b"\x00" * 500 + _png()[-60:], r"corrupt image data|cannot read image|not an image file"),
+    "corrupt_png_body": (
+        _png()[:60] + b"\x00" * 500 + _png()[-60:],
+        r"corrupt image data|cannot read image|not an image file",
+    ),
     "bomb_over_pil_limit": (_png_header_only(100_000, 100_000), r"refusing to decode a possible decompression bomb"),
-    "bomb_over_our_limit": (_png_header_only(10_000, 9_000), r"10000x9000 = 90000000 pixels exceeds the limit of 89478485"),
+    "bomb_over_our_limit": (
+        _png_header_only(10_000, 9_000),
+        r"10000x9000 = 90000000 pixels exceeds the limit of 89478485",
+    ),
 }
 
 
@@ -373,8 +513,20 @@ def _expected_rgb(im: Image.Image) -> np.ndarray:
 
 
 MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "I;16", "F"]
-FILE_FORMAT = {"1": "PNG", "L": "PNG", "LA": "PNG", "P": "PNG", "PA": "TIFF", "RGB": "PNG", "RGBA": "PNG",
-               "CMYK": "TIFF", "YCbCr": "TIFF", "I": "TIFF", "I;16": "PNG", "F": "TIFF"}
+FILE_FORMAT = {
+    "1": "PNG",
+    "L": "PNG",
+    "LA": "PNG",
+    "P": "PNG",
+    "PA": "TIFF",
+    "RGB": "PNG",
+    "RGBA": "PNG",
+    "CMYK": "TIFF",
+    "YCbCr": "TIFF",
+    "I": "TIFF",
+    "I;16": "PNG",
+    "F": "TIFF",
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -407,7 +559,7 @@ def test_every_pil_mode_becomes_rgb_tiles(mode, tmp_path):
 def tiny_models():
     cfg = tiny_cfg(lm_max_length=64)
     tmodel = torch_ref.VisionLanguageModel(cfg).eval()
-    from jaxvlm.checkpoint import model_from_torch_tensors
+    from jaxvlm.pretrained import model_from_torch_tensors
 
     jmodel = model_from_torch_tensors(cfg, {k: v.numpy() for k, v in tmodel.checkpoint_state().items()})
     return cfg, tmodel, jmodel
@@ -419,13 +571,19 @@ def test_generation_beyond_the_context_raises(tiny_models):
     cfg, tmodel, jmodel = tiny_models
     for name, gen in (("jaxvlm", lambda *a, **k: generate(jmodel, *a, **k)), ("torch_ref", tmodel.generate)):
         for T, n in ((60, 5), (65, 0), (64, 1)):
-            with pytest.raises(ValueError, match=rf"prompt length {T} \+ max_new_tokens {n} = {T + n} exceeds the model context lm_max_length = 64"):
+            with pytest.raises(
+                ValueError,
+                match=rf"prompt length {T} \+ max_new_tokens {n} = {T + n} exceeds the model context lm_max_length = 64",
+            ):
                 gen(np.full((1, T), 7), None, None, max_new_tokens=n, greedy=True)
         assert np.asarray(gen(np.full((1, 60), 7), None, None, max_new_tokens=4, greedy=True)).shape == (1, 4), name
 
 
-@pytest.mark.parametrize("rows,n_images", [([(0, 2)], 1), ([(0, 1)], 2), ([(0, 0)], 1), ([(0, 1)], 0)],
-                         ids=["fewer_images", "more_images", "images_without_tokens", "tokens_without_images"])
+@pytest.mark.parametrize(
+    "rows,n_images",
+    [([(0, 2)], 1), ([(0, 1)], 2), ([(0, 0)], 1), ([(0, 1)], 0)],
+    ids=["fewer_images", "more_images", "images_without_tokens", "tokens_without_images"],
+)
 def test_image_token_count_mismatch_raises_in_both_frameworks(rows, n_images, tiny_models):
     cfg, tmodel, jmodel = tiny_models
     ids, _, mask = make_batch(cfg, rows, 40, 0)
@@ -512,7 +670,9 @@ def test_unreadable_images_in_a_dataset(tmp_path, encoder):
         llava_dataset(path, encoder)
     ds = llava_dataset(path, encoder, on_error="skip")
     assert len(ds) == 3
-    with pytest.raises(SampleError, match=r"d\.json:1: image 0: .*bomb\.png: refusing to decode a possible decompression bomb"):
+    with pytest.raises(
+        SampleError, match=r"d\.json:1: image 0: .*bomb\.png: refusing to decode a possible decompression bomb"
+    ):
         ds[1]
     with pytest.raises(SampleError, match=r"d\.json:2: image 0: .*text\.png: not an image file"):
         ds[2]
@@ -548,26 +708,76 @@ def _cli_cases(tiny_dir: Path, tmp: Path):
     shutil.copytree(tiny_dir, no_tok, ignore=shutil.ignore_patterns("tokenizer*", "special*"))
     llama = write_hf(tmp / "llama", LANGUAGE, _language_expected(LANGUAGE))
     return {  # name: (argv, regex for the one line, paths that must not appear)
-        "conversion to-jax truncated": (["-m", "conversion", "to-jax", str(broken), str(tmp / "o1")],
-                                        r"^error: .*broken/model\.safetensors is not a valid safetensors file", [tmp / "o1"]),
-        "conversion check config mismatch": (["-m", "conversion", "check", str(mismatch)],
-                                             r"^error: .*mlp\.gate_proj\.weight has shape \(160, 64\), the config expects \(96, 64\)", []),
-        "conversion from-hf swapped directories": (["-m", "conversion", "from-hf", "--vision", str(llama), "--language", str(llama),
-                                              "--out", str(tmp / "o2")], r"^error: .*llama/config\.json: unsupported vision model_type 'llama'", [tmp / "o2"]),
-        "conversion from-hf no directory": (["-m", "conversion", "from-hf", "--vision", str(tmp / "nope"), "--language", str(llama),
-                                             "--out", str(tmp / "o3")], r"^error: vision backbone directory not found: .*nope$", [tmp / "o3"]),
-        "jaxvlm train bad init": (["-m", "jaxvlm", "train", "--init-from", str(mismatch), "--output-dir", str(tmp / "run1"),
-                                   "--tokenizer", str(SMOLLM2)], r"^error: .*mismatch/model\.safetensors .*lm_inter_dim|^error: .*shape \(160, 64\)", []),
-        "jaxvlm train no tokenizer": (["-m", "jaxvlm", "train", "--init-from", str(no_tok), "--output-dir", str(tmp / "run2")],
-                                      r"^error: no tokenizer: pass --tokenizer", []),
-        "jaxvlm generate no tokenizer": (["-m", "jaxvlm", "generate", "--model", str(no_tok), "--prompt", "hi"],
-                                         r"^error: no tokenizer\.json in directory .*no_tokenizer$", []),
-        "jaxvlm eval missing model": (["-m", "jaxvlm", "eval", "--model", str(tmp / "absent")],
-                                      r"^error: checkpoint directory not found: .*absent$", []),
-        "jaxvlm generate too long": (["-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "100"],
-                                     r"^error: prompt length \d+ \+ max_new_tokens 100 = \d+ exceeds the model context lm_max_length = 64$", []),
-        "jaxvlm generate corrupt image": (["-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--prompt", "hi",
-                                           "--image", str(tmp / "text.png")], r"^error: .*text\.png: not an image file", []),
+        "conversion to-jax truncated": (
+            ["-m", "conversion", "to-jax", str(broken), str(tmp / "o1")],
+            r"^error: .*broken/model\.safetensors is not a valid safetensors file",
+            [tmp / "o1"],
+        ),
+        "conversion check config mismatch": (
+            ["-m", "conversion", "check", str(mismatch)],
+            r"^error: .*mlp\.gate_proj\.weight has shape \(160, 64\), the config expects \(96, 64\)",
+            [],
+        ),
+        "conversion from-hf swapped directories": (
+            ["-m", "conversion", "from-hf", "--vision", str(llama), "--language", str(llama), "--out", str(tmp / "o2")],
+            r"^error: .*llama/config\.json: unsupported vision model_type 'llama'",
+            [tmp / "o2"],
+        ),
+        "conversion from-hf no directory": (
+            [
+                "-m",
+                "conversion",
+                "from-hf",
+                "--vision",
+                str(tmp / "nope"),
+                "--language",
+                str(llama),
+                "--out",
+                str(tmp / "o3"),
+            ],
+            r"^error: vision backbone directory not found: .*nope$",
+            [tmp / "o3"],
+        ),
+        "jaxvlm train bad init": (
+            [
+                "-m",
+                "jaxvlm",
+                "train",
+                "--init-from",
+                str(mismatch),
+                "--output-dir",
+                str(tmp / "run1"),
+                "--tokenizer",
+                str(SMOLLM2),
+            ],
+            r"^error: .*mismatch/model\.safetensors .*lm_inter_dim|^error: .*shape \(160, 64\)",
+            [],
+        ),
+        "jaxvlm train no tokenizer": (
+            ["-m", "jaxvlm", "train", "--init-from", str(no_tok), "--output-dir", str(tmp / "run2")],
+            r"^error: no tokenizer: pass --tokenizer",
+            [],
+        ),
+        "jaxvlm generate no tokenizer": (
+            ["-m", "jaxvlm", "generate", "--model", str(no_tok), "--prompt", "hi"],
+            r"^error: no tokenizer\.json in directory .*no_tokenizer$",
+            [],
+        ),
+        "jaxvlm eval missing model": (
+            ["-m", "jaxvlm", "eval", "--model", str(tmp / "absent")],
+            r"^error: checkpoint directory not found: .*absent$",
+            [],
+        ),
+        "jaxvlm generate too long": (
+            ["-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "100"],
+            r"^error: prompt length \d+ \+ max_new_tokens 100 = \d+ exceeds the model context lm_max_length = 64$",
+            [],
+        ),
+        "jaxvlm generate corrupt image": (
+            ["-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--prompt", "hi", "--image", str(tmp / "text.png")],
+            r"^error: .*text\.png: not an image file",
+            [],
+        ),
     }
 
 
@@ -590,16 +800,38 @@ def test_command_lines_print_one_line(tiny_dir, tmp_path):
 
 
 # ---- training runs that go wrong ------------------------------------------------------------
-TRAIN = ["-m", "jaxvlm", "train", "--tokenizer", str(SMOLLM2), "--steps", "5", "--batch-size", "4", "--synthetic-size", "64",
-         "--save-every", "1", "--log-every", "1", "--max-length", "128", "--keep", "3"]
+TRAIN = [
+    "-m",
+    "jaxvlm",
+    "train",
+    "--tokenizer",
+    str(SMOLLM2),
+    "--steps",
+    "5",
+    "--batch-size",
+    "4",
+    "--synthetic-size",
+    "64",
+    "--save-every",
+    "1",
+    "--log-every",
+    "1",
+    "--max-length",
+    "128",
+    "--keep",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory):
     """A persistent compilation cache shared by this module's training runs (same shapes)."""
     d = tmp_path_factory.mktemp("jax_cache")
-    return {"JAX_COMPILATION_CACHE_DIR": str(d), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(d),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 def _steps(ckpt_dir: Path) -> list[int]:
@@ -609,11 +841,23 @@ def _steps(ckpt_dir: Path) -> list[int]:
 @needs_tokenizer
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, jax_cache):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(*TRAIN, "--output-dir", str(out), "--lr-mp", "1e6", "--lr-language-backbone", "1e6",
-                                "--lr-vision-backbone", "1e6", env=jax_cache)
+    code, stdout, err = run_cli(
+        *TRAIN,
+        "--output-dir",
+        str(out),
+        "--lr-mp",
+        "1e6",
+        "--lr-language-backbone",
+        "1e6",
+        "--lr-vision-backbone",
+        "1e6",
+        env=jax_cache,
+    )
     print(err)
     assert code == 2 and len(err) == 1, err
-    m = __import__("re").match(r"^error: loss is (nan|inf|-inf) at step (\d+); stopped\. Last good checkpoint: (.*)$", err[0])
+    m = __import__("re").match(
+        r"^error: loss is (nan|inf|-inf) at step (\d+); stopped\. Last good checkpoint: (.*)$", err[0]
+    )
     assert m, err[0]
     bad_step, good = int(m.group(2)), Path(m.group(3))
     assert _steps(out / "checkpoints") == list(range(max(1, bad_step - 3), bad_step)), "a checkpoint after the bad step"
@@ -628,7 +872,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, ja
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), "the kept checkpoint is not finite"
 
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import errno, json, os
 _at = int(os.environ.get("JAXVLM_TEST_ENOSPC_AT_SAVE", "0"))
 if _at:  # test-only: the _at-th orbax JSON write fills the disk half way through
@@ -641,7 +885,7 @@ if _at:  # test-only: the _at-th orbax JSON write fills the disk half way throug
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / self._filename))
         return await _real(self, x, directory)
     _jh.JsonCheckpointHandler._save_fn = _save_fn
-'''
+"""
 
 
 @needs_tokenizer
@@ -659,7 +903,11 @@ def test_train_disk_full_during_a_checkpoint(tmp_path, jax_cache):
     code, _, err = run_cli(*TRAIN, "--output-dir", str(out), env=env)
     assert code == 2, err
     errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: [Errno 28] No space left on device") and "3.orbax-checkpoint-tmp" in errors[0]
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: [Errno 28] No space left on device")
+        and "3.orbax-checkpoint-tmp" in errors[0]
+    )
     assert _steps(out / "checkpoints") == [1, 2] and not (out / "model").exists()
     code, stdout, err_resume = run_cli(*TRAIN, "--output-dir", str(out), "--resume", env=jax_cache)
     assert code == 0, err_resume

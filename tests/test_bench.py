@@ -15,9 +15,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "jaxvlm", "bench", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
-           "--steps", "1", "--parts", "matmul", "jax-train", "torch-train", "jax-decode", "torch-decode",
-           "--decode-batch", "1", "2", "--new-tokens", "12", "--repeats", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxvlm",
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--steps",
+        "1",
+        "--parts",
+        "matmul",
+        "jax-train",
+        "torch-train",
+        "jax-decode",
+        "torch-decode",
+        "--decode-batch",
+        "1",
+        "2",
+        "--new-tokens",
+        "12",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| jax-train |" in proc.stdout and "greedy decode" in proc.stdout  # the markdown table
@@ -31,8 +57,14 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     train = rep["train"]
     assert set(train) == {"jax-train", "torch-train"}
     for t in train.values():
-        for key in ("step_s", "tokens_per_s", "compile_s", "mfu_vs_measured_matmul", "mfu_vs_own_framework_matmul",
-                    "peak_rss_mb"):
+        for key in (
+            "step_s",
+            "tokens_per_s",
+            "compile_s",
+            "mfu_vs_measured_matmul",
+            "mfu_vs_own_framework_matmul",
+            "peak_rss_mb",
+        ):
             assert t[key] >= 0 and math.isfinite(t[key]), key
     assert train["torch-train"]["jaxvlm_speedup"] > 0
     # Identical weights and batch: the first three optimizer steps give the same losses.

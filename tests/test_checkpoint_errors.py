@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 
 import jaxvlm
 import torch_ref
-from conftest import tiny_cfg
 from conversion import CheckpointError, load_safetensors, save_safetensors
 
 LOADERS = {
@@ -97,12 +97,24 @@ def _no_directory(d):
 
 # (corruption, regexes the message must match: the problem and where it is)
 CASES = {
-    "missing_key": (_missing_key, [r"missing key\(s\): decoder\.blocks\.1\.mlp\.up_proj\.weight", r"model\.safetensors"]),
-    "extra_key": (_extra_key, [r"unexpected key\(s\): decoder\.blocks\.2\.attn\.q_proj\.weight", r"model\.safetensors"]),
-    "wrong_shape": (_wrong_shape, [r"MP\.proj\.weight has shape \(64, 128\), the config expects \(64, 256\)", r"model\.safetensors"]),
+    "missing_key": (
+        _missing_key,
+        [r"missing key\(s\): decoder\.blocks\.1\.mlp\.up_proj\.weight", r"model\.safetensors"],
+    ),
+    "extra_key": (
+        _extra_key,
+        [r"unexpected key\(s\): decoder\.blocks\.2\.attn\.q_proj\.weight", r"model\.safetensors"],
+    ),
+    "wrong_shape": (
+        _wrong_shape,
+        [r"MP\.proj\.weight has shape \(64, 128\), the config expects \(64, 256\)", r"model\.safetensors"],
+    ),
     "truncated_file": (_truncated, [r"not a valid safetensors file", r"model\.safetensors"]),
     "garbage_file": (_garbage, [r"not a valid safetensors file", r"model\.safetensors"]),
-    "config_does_not_match_weights": (_config_mismatch, [r"decoder\.norm\.weight has shape \(64,\), the config expects \(96,\)", r"config\.json"]),
+    "config_does_not_match_weights": (
+        _config_mismatch,
+        [r"decoder\.norm\.weight has shape \(64,\), the config expects \(96,\)", r"config\.json"],
+    ),
     "missing_config_json": (_no_config, [r"has no config\.json"]),
     "missing_model_safetensors": (_no_weights, [r"has no model\.safetensors"]),
     "invalid_json": (_invalid_json, [r"config\.json is not valid JSON"]),

@@ -9,8 +9,8 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import UPSTREAM_CONFIG_FIELDS, upstream_config_dict
+
 from conversion import PRESETS, CheckpointError, VLMConfig, read_config
 from conversion.config import CHATML_TEMPLATE
 
@@ -55,7 +55,9 @@ def test_derived_numbers_460m_is_upstreams_default():
 
 
 def test_image_token_id_follows_dict_order():
-    cfg = VLMConfig.tiny(vlm_extra_tokens={"global_image_token": "<|global_image|>", "image_token": "<|image|>"}, lm_vocab_size=49154)
+    cfg = VLMConfig.tiny(
+        vlm_extra_tokens={"global_image_token": "<|global_image|>", "image_token": "<|image|>"}, lm_vocab_size=49154
+    )
     assert cfg.image_token_id == 49153
 
 
@@ -66,17 +68,20 @@ def test_tiny_uses_the_real_vocabulary():
 
 
 # ---- validation -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides,needle", [
-    (dict(lm_hidden_dim=65), "lm_hidden_dim 65 is not divisible by lm_n_heads 4"),
-    (dict(vit_hidden_dim=66), "vit_hidden_dim 66 is not divisible by vit_n_heads 4"),
-    (dict(lm_n_kv_heads=3), "lm_n_heads 4 is not divisible by lm_n_kv_heads 3"),
-    (dict(mp_image_token_length=16), "mp_image_token_length 16"),
-    (dict(mp_pixel_shuffle_factor=3), "not divisible by mp_pixel_shuffle_factor 3"),
-    (dict(lm_vocab_size=49200), "lm_vocab_size 49200 < lm_base_vocab_size 49152 + 66"),
-    (dict(vlm_extra_tokens={"global_image_token": "<|global_image|>"}), "no 'image_token'"),
-    (dict(vit_cls_flag=True), "vit_cls_flag"),
-    (dict(lm_dropout=0.1), "dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (dict(lm_hidden_dim=65), "lm_hidden_dim 65 is not divisible by lm_n_heads 4"),
+        (dict(vit_hidden_dim=66), "vit_hidden_dim 66 is not divisible by vit_n_heads 4"),
+        (dict(lm_n_kv_heads=3), "lm_n_heads 4 is not divisible by lm_n_kv_heads 3"),
+        (dict(mp_image_token_length=16), "mp_image_token_length 16"),
+        (dict(mp_pixel_shuffle_factor=3), "not divisible by mp_pixel_shuffle_factor 3"),
+        (dict(lm_vocab_size=49200), "lm_vocab_size 49200 < lm_base_vocab_size 49152 + 66"),
+        (dict(vlm_extra_tokens={"global_image_token": "<|global_image|>"}), "no 'image_token'"),
+        (dict(vit_cls_flag=True), "vit_cls_flag"),
+        (dict(lm_dropout=0.1), "dropout"),
+    ],
+)
 def test_invalid_configs_raise(overrides, needle):
     with pytest.raises(ValueError, match="invalid VLMConfig") as e:
         VLMConfig.tiny(**overrides)
@@ -87,19 +92,47 @@ def test_invalid_configs_raise(overrides, needle):
 def _current_460m_json():
     """A config.json as upstream's current save_pretrained writes it (all current fields)."""
     d = {
-        "vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vit_img_size": 512, "vit_n_heads": 12,
-        "vit_dropout": 0.0, "vit_n_blocks": 12, "vit_ln_eps": 1e-06, "vit_cls_flag": False,
-        "vit_model_type": "google/siglip2-base-patch16-512", "lm_hidden_dim": 960, "lm_inter_dim": 2560,
-        "lm_rms_eps": 1e-05, "lm_re_base": 100000, "lm_max_position_embeddings": 8192, "lm_base_vocab_size": 49152,
-        "extra_token_amount": 66, "lm_vocab_size": 49218, "lm_n_heads": 15, "lm_n_kv_heads": 5, "lm_dropout": 0.0,
-        "lm_n_blocks": 32, "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False,
-        "lm_tie_weights": True, "lm_model_type": "HuggingFaceTB/SmolLM2-360M-Instruct",
-        "lm_tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct", "lm_chat_template": CHATML_TEMPLATE,
-        "mp_pixel_shuffle_factor": 4, "mp_image_token_length": 64, "max_img_size": 2048,
+        "vit_hidden_dim": 768,
+        "vit_inter_dim": 3072,
+        "vit_patch_size": 16,
+        "vit_img_size": 512,
+        "vit_n_heads": 12,
+        "vit_dropout": 0.0,
+        "vit_n_blocks": 12,
+        "vit_ln_eps": 1e-06,
+        "vit_cls_flag": False,
+        "vit_model_type": "google/siglip2-base-patch16-512",
+        "lm_hidden_dim": 960,
+        "lm_inter_dim": 2560,
+        "lm_rms_eps": 1e-05,
+        "lm_re_base": 100000,
+        "lm_max_position_embeddings": 8192,
+        "lm_base_vocab_size": 49152,
+        "extra_token_amount": 66,
+        "lm_vocab_size": 49218,
+        "lm_n_heads": 15,
+        "lm_n_kv_heads": 5,
+        "lm_dropout": 0.0,
+        "lm_n_blocks": 32,
+        "lm_attn_scaling": 1.0,
+        "lm_max_length": 4096,
+        "lm_use_tokens": False,
+        "lm_tie_weights": True,
+        "lm_model_type": "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "lm_tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "lm_chat_template": CHATML_TEMPLATE,
+        "mp_pixel_shuffle_factor": 4,
+        "mp_image_token_length": 64,
+        "max_img_size": 2048,
         "resize_to_max_side_len": True,
-        "vlm_extra_tokens": {"image_token": "<|image|>", "global_image_token": "<|global_image|>",
-                             **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)}},
-        "vlm_load_backbone_weights": True, "vlm_checkpoint_path": "checkpoints", "hf_repo_name": "nanoVLM",
+        "vlm_extra_tokens": {
+            "image_token": "<|image|>",
+            "global_image_token": "<|global_image|>",
+            **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)},
+        },
+        "vlm_load_backbone_weights": True,
+        "vlm_checkpoint_path": "checkpoints",
+        "hf_repo_name": "nanoVLM",
     }
     assert list(d) == UPSTREAM_CONFIG_FIELDS
     return d
@@ -109,17 +142,42 @@ def _older_230m_json():
     """An older release: has lm_eos_token_id, lacks max_img_size / resize_to_max_side_len
     (no image splitting), one extra token, vocabulary 49152 + 1."""
     return {
-        "vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vit_img_size": 224, "vit_n_heads": 12,
-        "vit_dropout": 0.0, "vit_n_blocks": 12, "vit_ln_eps": 1e-06, "vit_cls_flag": False,
-        "vit_model_type": "google/siglip-base-patch16-224", "lm_hidden_dim": 576, "lm_inter_dim": 1536,
-        "lm_rms_eps": 1e-05, "lm_re_base": 100000, "lm_max_position_embeddings": 8192, "lm_base_vocab_size": 49152,
-        "extra_token_amount": 1, "lm_vocab_size": 49153, "lm_n_heads": 9, "lm_n_kv_heads": 3, "lm_dropout": 0.0,
-        "lm_n_blocks": 30, "lm_attn_scaling": 1.0, "lm_max_length": 1024, "lm_use_tokens": False,
-        "lm_tie_weights": True, "lm_model_type": "HuggingFaceTB/SmolLM2-135M",
-        "lm_tokenizer": "HuggingFaceTB/cosmo2-tokenizer", "lm_chat_template": CHATML_TEMPLATE, "lm_eos_token_id": 0,
-        "mp_pixel_shuffle_factor": 2, "mp_image_token_length": 49,
-        "vlm_extra_tokens": {"image_token": "<|image|>"}, "vlm_load_backbone_weights": True,
-        "vlm_checkpoint_path": "checkpoints/nanoVLM-230M", "hf_repo_name": "nanoVLM-230M",
+        "vit_hidden_dim": 768,
+        "vit_inter_dim": 3072,
+        "vit_patch_size": 16,
+        "vit_img_size": 224,
+        "vit_n_heads": 12,
+        "vit_dropout": 0.0,
+        "vit_n_blocks": 12,
+        "vit_ln_eps": 1e-06,
+        "vit_cls_flag": False,
+        "vit_model_type": "google/siglip-base-patch16-224",
+        "lm_hidden_dim": 576,
+        "lm_inter_dim": 1536,
+        "lm_rms_eps": 1e-05,
+        "lm_re_base": 100000,
+        "lm_max_position_embeddings": 8192,
+        "lm_base_vocab_size": 49152,
+        "extra_token_amount": 1,
+        "lm_vocab_size": 49153,
+        "lm_n_heads": 9,
+        "lm_n_kv_heads": 3,
+        "lm_dropout": 0.0,
+        "lm_n_blocks": 30,
+        "lm_attn_scaling": 1.0,
+        "lm_max_length": 1024,
+        "lm_use_tokens": False,
+        "lm_tie_weights": True,
+        "lm_model_type": "HuggingFaceTB/SmolLM2-135M",
+        "lm_tokenizer": "HuggingFaceTB/cosmo2-tokenizer",
+        "lm_chat_template": CHATML_TEMPLATE,
+        "lm_eos_token_id": 0,
+        "mp_pixel_shuffle_factor": 2,
+        "mp_image_token_length": 49,
+        "vlm_extra_tokens": {"image_token": "<|image|>"},
+        "vlm_load_backbone_weights": True,
+        "vlm_checkpoint_path": "checkpoints/nanoVLM-230M",
+        "hf_repo_name": "nanoVLM-230M",
     }
 
 
@@ -149,7 +207,9 @@ def test_older_config_with_eos_and_without_image_splitting():
     assert cfg.lm_eos_token_id == 0
     assert cfg.max_img_size == 224 and cfg.resize_to_max_side_len is False  # that release did not split images
     assert (cfg.n_image_tokens, cfg.image_token_id, cfg.lm_vocab_size) == (49, 49152, 49153)
-    assert cfg == VLMConfig.nanovlm_222m(lm_eos_token_id=0, vlm_checkpoint_path="checkpoints/nanoVLM-230M", hf_repo_name="nanoVLM-230M")
+    assert cfg == VLMConfig.nanovlm_222m(
+        lm_eos_token_id=0, vlm_checkpoint_path="checkpoints/nanoVLM-230M", hf_repo_name="nanoVLM-230M"
+    )
     d = cfg.to_dict()
     assert d["lm_eos_token_id"] == 0  # kept when the config has it
     assert set(d) == set(UPSTREAM_CONFIG_FIELDS) | {"lm_eos_token_id"}

@@ -18,15 +18,39 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import (
+    UPSTREAM_CONFIG_FIELDS,
+    checkpoint_arrays,
+    random_torch_vlm,
+    record,
+    tiny_cfg,
+    to_np,
+    upstream_config_dict,
+)
 from flax import nnx
 
 import jaxvlm
 import torch_ref
-from conftest import UPSTREAM_CONFIG_FIELDS, checkpoint_arrays, random_torch_vlm, record, tiny_cfg, to_np, upstream_config_dict
-from conversion import CheckpointError, VLMConfig, expected_shapes, jax_to_torch, load_safetensors, mapping, save_safetensors, torch_to_jax
+from conversion import (
+    CheckpointError,
+    VLMConfig,
+    expected_shapes,
+    jax_to_torch,
+    load_safetensors,
+    mapping,
+    save_safetensors,
+    torch_to_jax,
+)
 from conversion.mapping import CONV2D, IDENTITY, LINEAR, TRANSFORMS
-from jaxvlm.checkpoint import abstract_model, flat_state, load_flat_state, load_orbax, model_from_torch_tensors, save_orbax
-from jaxvlm.layers import ModelDtypes
+from jaxvlm.options import ModelOptions
+from jaxvlm.pretrained import (
+    abstract_model,
+    flat_state,
+    load_flat_state,
+    load_orbax,
+    model_from_torch_tensors,
+    save_orbax,
+)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CONFIGS = {
@@ -47,14 +71,18 @@ def _assert_same_arrays(name, got: dict, want: dict):
     assert set(got) == set(want), f"{name}: keys differ: {sorted(set(got) ^ set(want), key=str)[:5]}"
     bad_dtype = [k for k in want if np.asarray(got[k]).dtype != np.asarray(want[k]).dtype]
     bad_value = [k for k in want if not np.array_equal(np.asarray(got[k]), np.asarray(want[k]))]
-    record(name, f"{len(want)} tensors, {len(bad_value)} not bit-exact, {len(bad_dtype)} with another dtype (tol: exact)")
-    assert not bad_dtype, f"{name}: dtype changed for {[(k, str(np.asarray(got[k]).dtype), str(np.asarray(want[k]).dtype)) for k in bad_dtype][:5]}"
+    record(
+        name, f"{len(want)} tensors, {len(bad_value)} not bit-exact, {len(bad_dtype)} with another dtype (tol: exact)"
+    )
+    assert not bad_dtype, (
+        f"{name}: dtype changed for {[(k, str(np.asarray(got[k]).dtype), str(np.asarray(want[k]).dtype)) for k in bad_dtype][:5]}"
+    )
     assert not bad_value, f"{name}: not bit-exact: {bad_value[:5]}"
 
 
-def _random_jax_model(cfg, seed, dtypes=ModelDtypes()):
+def _random_jax_model(cfg, seed, options=ModelOptions()):
     """A jaxvlm model with every variable random (norm scales and biases included)."""
-    model = jaxvlm.VisionLanguageModel(cfg, dtypes=dtypes, rngs=nnx.Rngs(seed))
+    model = jaxvlm.VisionLanguageModel(cfg, options=options, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     flat = {p: rng.standard_normal(v.shape).astype(v.dtype) for p, v in flat_state(model).items()}
     load_flat_state(model, flat, source="random")
@@ -77,14 +105,19 @@ def test_mapping_covers_every_key_exactly_once(name):
     file_keys = set(state) - ({"decoder.token_embedding.weight"} if cfg.lm_tie_weights else set())
     assert set(torch_keys) == file_keys, f"mapping vs torch_ref: {sorted(set(torch_keys) ^ file_keys)}"
     assert {e.torch_key: e.torch_shape for e in entries} == {k: state[k] for k in file_keys}
-    assert set(expected_shapes(cfg)) | ({"decoder.token_embedding.weight"} if cfg.lm_tie_weights else set()) == set(state)
+    assert set(expected_shapes(cfg)) | ({"decoder.token_embedding.weight"} if cfg.lm_tie_weights else set()) == set(
+        state
+    )
     assert "decoder.rotary_embd.inv_freq" in state and "decoder.head.weight" in state
 
     # jax side: every variable of the NNX state (params and buffers), with its shape
     jstate = {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
     assert set(jax_paths) == set(jstate), f"mapping vs jaxvlm: {sorted(set(jax_paths) ^ set(jstate), key=str)}"
     assert all(e.jax_shape == jstate[e.jax_path] for e in entries)
-    record(f"mapping[{name}]", f"{len(entries)} entries = {len(file_keys)} file keys = {len(jstate)} NNX variables, each once")
+    record(
+        f"mapping[{name}]",
+        f"{len(entries)} entries = {len(file_keys)} file keys = {len(jstate)} NNX variables, each once",
+    )
 
 
 def test_transforms_are_the_layouts_and_invert():
@@ -102,8 +135,14 @@ def test_transforms_are_the_layouts_and_invert():
     Wc = rng.standard_normal((6, 3, 2, 3)).astype(np.float32)
     img = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
     out_t = to_np(torch.nn.functional.conv2d(torch.from_numpy(img), torch.from_numpy(Wc), stride=(2, 3)))
-    out_j = jax.lax.conv_general_dilated(jnp.asarray(img.transpose(0, 2, 3, 1)), jnp.asarray(CONV2D.to_jax(Wc)), (2, 3), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+    out_j = jax.lax.conv_general_dilated(
+        jnp.asarray(img.transpose(0, 2, 3, 1)),
+        jnp.asarray(CONV2D.to_jax(Wc)),
+        (2, 3),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest",
+    )
     assert np.allclose(out_t, np.asarray(out_j).transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
     # every named transform: to_torch inverts to_jax bit-exactly, and jax_shape predicts the shape
     for t, ndim in ((IDENTITY, 3), (LINEAR, 2), (CONV2D, 4)):
@@ -128,7 +167,13 @@ def test_conversion_is_strict():
     with pytest.raises(CheckpointError) as e:
         torch_to_jax(cfg, bad)
     msg = str(e.value)
-    assert "MP.proj.weight" in msg and "MP.proj.bias" in msg and "decoder.norm.weight" in msg and "(65,)" in msg and "(64,)" in msg
+    assert (
+        "MP.proj.weight" in msg
+        and "MP.proj.bias" in msg
+        and "decoder.norm.weight" in msg
+        and "(65,)" in msg
+        and "(64,)" in msg
+    )
     flat = torch_to_jax(cfg, tensors)
     del flat[("decoder", "norm", "weight")]
     with pytest.raises(CheckpointError, match="decoder.norm.weight"):
@@ -142,11 +187,16 @@ def test_mapping_round_trip_on_arrays(dtype, tie):
     """conversion alone: checkpoint tensors -> {jax path: array} -> checkpoint tensors."""
     cfg = tiny_cfg(lm_tie_weights=tie)
     rng = np.random.default_rng(0)
-    tensors = {k: rng.standard_normal(s).astype(np.dtype(dtype) if dtype == "float32" else BF16) for k, s in expected_shapes(cfg).items()}
+    tensors = {
+        k: rng.standard_normal(s).astype(np.dtype(dtype) if dtype == "float32" else BF16)
+        for k, s in expected_shapes(cfg).items()
+    }
     flat = torch_to_jax(cfg, tensors)
     assert all(flat[e.jax_path].shape == e.jax_shape for e in mapping(cfg))
     _assert_same_arrays(f"mapping torch_to_jax -> jax_to_torch [{dtype}, tied={tie}]", jax_to_torch(cfg, flat), tensors)
-    _assert_same_arrays(f"mapping jax_to_torch -> torch_to_jax [{dtype}, tied={tie}]", torch_to_jax(cfg, jax_to_torch(cfg, flat)), flat)
+    _assert_same_arrays(
+        f"mapping jax_to_torch -> torch_to_jax [{dtype}, tied={tie}]", torch_to_jax(cfg, jax_to_torch(cfg, flat)), flat
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -160,7 +210,7 @@ def test_torch_jax_torch_round_trip(dtype, tie, tmp_path):
     save_safetensors(tmp_path / "w.safetensors", tensors)
     loaded, _ = load_safetensors(tmp_path / "w.safetensors")
     _assert_same_arrays(f"safetensors save/load [{dtype}, tied={tie}]", loaded, tensors)
-    model = model_from_torch_tensors(cfg, loaded, dtypes=ModelDtypes(param=jnp.dtype(dtype)))
+    model = model_from_torch_tensors(cfg, loaded, options=ModelOptions(param_dtype=jnp.dtype(dtype)))
     back = jax_to_torch(cfg, flat_state(model))
     # values must survive whatever the storage dtype of each jaxvlm variable
     bad = [k for k in tensors if not np.array_equal(back[k].astype(np.float32), tensors[k].astype(np.float32))]
@@ -172,11 +222,11 @@ def test_torch_jax_torch_round_trip(dtype, tie, tmp_path):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_jax_torch_jax_round_trip(dtype, tie, tmp_path):
     cfg = tiny_cfg(lm_tie_weights=tie)
-    model, flat = _random_jax_model(cfg, 1, ModelDtypes(param=jnp.dtype(dtype)))
+    model, flat = _random_jax_model(cfg, 1, ModelOptions(param_dtype=jnp.dtype(dtype)))
     tensors = jax_to_torch(cfg, flat)
     save_safetensors(tmp_path / "w.safetensors", tensors)
     loaded, _ = load_safetensors(tmp_path / "w.safetensors")
-    back = flat_state(model_from_torch_tensors(cfg, loaded, dtypes=ModelDtypes(param=jnp.dtype(dtype))))
+    back = flat_state(model_from_torch_tensors(cfg, loaded, options=ModelOptions(param_dtype=jnp.dtype(dtype))))
     _assert_same_arrays(f"jax -> torch -> jax [{dtype}, tied={tie}]", back, flat)
 
 
@@ -187,22 +237,30 @@ def test_jaxvlm_save_pretrained_torch_ref_and_back(tie, tmp_path):
     model.save_pretrained(tmp_path / "jax")
     tmodel = torch_ref.VisionLanguageModel.from_pretrained(tmp_path / "jax")
     assert tmodel.cfg == cfg
-    _assert_same_arrays(f"jaxvlm save_pretrained -> torch_ref.from_pretrained [tied={tie}]", checkpoint_arrays(tmodel), jax_to_torch(cfg, flat))
+    _assert_same_arrays(
+        f"jaxvlm save_pretrained -> torch_ref.from_pretrained [tied={tie}]",
+        checkpoint_arrays(tmodel),
+        jax_to_torch(cfg, flat),
+    )
     if tie:
         assert tmodel.decoder.head.weight is tmodel.decoder.token_embedding.weight
     tmodel.save_pretrained(tmp_path / "torch")
     back = jaxvlm.VisionLanguageModel.from_pretrained(tmp_path / "torch")
     assert back.cfg == cfg
-    _assert_same_arrays(f"... -> torch_ref.save_pretrained -> jaxvlm.from_pretrained [tied={tie}]", flat_state(back), flat)
-    assert json.loads((tmp_path / "jax" / "config.json").read_text()) == json.loads((tmp_path / "torch" / "config.json").read_text())
+    _assert_same_arrays(
+        f"... -> torch_ref.save_pretrained -> jaxvlm.from_pretrained [tied={tie}]", flat_state(back), flat
+    )
+    assert json.loads((tmp_path / "jax" / "config.json").read_text()) == json.loads(
+        (tmp_path / "torch" / "config.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_orbax_round_trip(dtype, tmp_path):
     cfg = tiny_cfg()
-    model, flat = _random_jax_model(cfg, 3, ModelDtypes(param=jnp.dtype(dtype)))
+    model, flat = _random_jax_model(cfg, 3, ModelOptions(param_dtype=jnp.dtype(dtype)))
     save_orbax(model, tmp_path / "orbax")
-    back = load_orbax(tmp_path / "orbax", dtypes=ModelDtypes(param=jnp.dtype(dtype)))
+    back = load_orbax(tmp_path / "orbax", options=ModelOptions(param_dtype=jnp.dtype(dtype)))
     assert back.cfg == cfg
     _assert_same_arrays(f"orbax save/load [{dtype}]", flat_state(back), flat)
     with pytest.raises(CheckpointError, match="already exists"):
@@ -235,9 +293,14 @@ def test_checkpoint_directory_is_upstreams_format(writer, tie, tmp_path):
     assert "decoder.rotary_embd.inv_freq" in header and "decoder.head.weight" in header
     assert ("decoder.token_embedding.weight" in header) == (not tie)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert list(d) == UPSTREAM_CONFIG_FIELDS, f"config.json fields differ from upstream's: {sorted(set(d) ^ set(UPSTREAM_CONFIG_FIELDS))}"
+    assert list(d) == UPSTREAM_CONFIG_FIELDS, (
+        f"config.json fields differ from upstream's: {sorted(set(d) ^ set(UPSTREAM_CONFIG_FIELDS))}"
+    )
     assert d == upstream_config_dict(cfg)
-    record(f"directory format [{writer}, tied={tie}]", f"{len(header)} tensors F32, metadata {metadata}, {len(d)} config fields = upstream's")
+    record(
+        f"directory format [{writer}, tied={tie}]",
+        f"{len(header)} tensors F32, metadata {metadata}, {len(d)} config fields = upstream's",
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -275,7 +338,9 @@ def test_our_checkpoint_loads_in_upstream(writer, tie, tmp_path):
     fresh = torch_ref.VisionLanguageModel(cfg)
     missing, unexpected = safetensors.torch.load_model(fresh, str(tmp_path / "model.safetensors"), strict=True)
     assert not missing and not unexpected
-    _assert_same_arrays(f"{writer} checkpoint -> safetensors.torch.load_model(strict) [tied={tie}]", checkpoint_arrays(fresh), want)
+    _assert_same_arrays(
+        f"{writer} checkpoint -> safetensors.torch.load_model(strict) [tied={tie}]", checkpoint_arrays(fresh), want
+    )
     d = json.loads((tmp_path / "config.json").read_text())
     assert set(d) == set(UPSTREAM_CONFIG_FIELDS)  # upstream's VLMConfig(**d) accepts exactly these
 

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conversion.config import VLMConfig
 from jaxvlm.data import (
-    ANSWERS, DataLoader, SampleEncoder, SampleError, SyntheticShapesDataset, cauldron_dataset, coco_captions_dataset,
-    collate, llava_dataset, pick_bucket, power_of_two_buckets, shift_labels,
+    ANSWERS,
+    DataLoader,
+    SampleEncoder,
+    SampleError,
+    SyntheticShapesDataset,
+    cauldron_dataset,
+    coco_captions_dataset,
+    collate,
+    llava_dataset,
+    pick_bucket,
+    power_of_two_buckets,
+    shift_labels,
 )
 from jaxvlm.data.synthetic import BACKGROUND, COLORS, POSITIONS, render
 from jaxvlm.tokenizer import from_config
@@ -28,8 +37,10 @@ COCO = COCO_ROOT / "images"
 IMG_A = COCO / "000000000790.jpg"
 IMG_B = COCO / "000000078499.jpg"
 
-pytestmark = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file() or not (COCO_ROOT / "captions.json").is_file(),
-                                reason=f"real tokenizer / COCO data not found under {SHARED / 'data'} (the shared directory beside the repo)")
+pytestmark = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file() or not (COCO_ROOT / "captions.json").is_file(),
+    reason=f"real tokenizer / COCO data not found under {SHARED / 'data'} (the shared directory beside the repo)",
+)
 
 CFG = VLMConfig.tiny()  # S 32, max 64 (2x2 grid + global = 5 tiles per COCO image), L 4
 
@@ -72,28 +83,39 @@ def test_single_turn_sample_matches_upstream_layout(enc, tok):
     assert ids.dtype == labels.dtype == s["attention_mask"].dtype == np.int32
     assert np.all(s["attention_mask"] == 1)
     im = "<|image|>" * 4
-    expected_text = ("<|im_start|>user\n<|global_image|>" + im + "".join(f"<row_{r}_col_{c}>" + im for r in (1, 2) for c in (1, 2))
-                     + "What is here?<|im_end|>\n<|im_start|>assistant\nA cake.<|im_end|>\n")
+    expected_text = (
+        "<|im_start|>user\n<|global_image|>"
+        + im
+        + "".join(f"<row_{r}_col_{c}>" + im for r in (1, 2) for c in (1, 2))
+        + "What is here?<|im_end|>\n<|im_start|>assistant\nA cake.<|im_end|>\n"
+    )
     assert tok.decode(ids) == expected_text
     assert int(np.sum(ids == tok.image_token_id)) == 5 * 4
     # the trained tokens: the answer, <|im_end|> and (upstream's quirk) the newline after it
     answer = tok.encode("A cake.")
     start = len(ids) - len(answer) - 2  # first answer token
     expected = np.full(len(ids), -100)
-    expected[start - 1:-1] = ids[start:]
+    expected[start - 1 : -1] = ids[start:]
     np.testing.assert_array_equal(labels, expected)
     assert labels[start - 1] == answer[0] and labels[-3] == 2 and labels[-2] == 198 and labels[-1] == -100
-    assert list(ids[start - 4:start]) == tok.assistant_prefix_ids
+    assert list(ids[start - 4 : start]) == tok.assistant_prefix_ids
 
 
 def test_multi_turn_trains_only_on_answers(enc, tok):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Red"},
-            {"role": "user", "content": "Count?"}, {"role": "assistant", "content": "3"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "Red"},
+        {"role": "user", "content": "Count?"},
+        {"role": "assistant", "content": "3"},
+    ]
     s = enc.encode([IMG_B], msgs)
     trained = s["labels"][s["labels"] != -100]
     assert tok.decode(trained) == "Red<|im_end|>\n3<|im_end|>\n"
     text = tok.decode(s["input_ids"])
-    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|global_image|>")  # first *user* message
+    assert text.startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|global_image|>"
+    )  # first *user* message
 
 
 def test_stray_image_tokens_are_removed_and_text_only_samples_work(enc, tok):
@@ -116,7 +138,9 @@ def test_legacy_model_gets_bare_image_tokens(tok):
     from jaxvlm.tokenizer import load_tokenizer
 
     legacy = SampleEncoder.from_config(cfg, load_tokenizer(SMOLLM2, extra_tokens=cfg.extra_tokens))
-    s = legacy.encode([IMG_A, IMG_B], [{"role": "user", "content": "Compare."}, {"role": "assistant", "content": "Cake, horses."}])
+    s = legacy.encode(
+        [IMG_A, IMG_B], [{"role": "user", "content": "Compare."}, {"role": "assistant", "content": "Cake, horses."}]
+    )
     assert s["images"].shape == (2, 3, 32, 32)
     assert legacy.tokenizer.decode(s["input_ids"]).startswith("<|im_start|>user\n<|image|><|image|>Compare.")
 
@@ -124,11 +148,22 @@ def test_legacy_model_gets_bare_image_tokens(tok):
 # ---- file datasets -------------------------------------------------------------------------
 def test_llava_json_and_jsonl(tmp_path, enc, tok):
     rows = [
-        {"image": _rel(IMG_A, tmp_path), "conversations": [{"from": "human", "value": "<image>\nWhat is on the table?"},
-                                                          {"from": "gpt", "value": "A cake."}]},
-        {"image": [_rel(IMG_A, tmp_path), str(IMG_B)],  # relative and absolute
-         "conversations": [{"from": "human", "value": "Two pictures <image>"}, {"from": "gpt", "value": "Cake and horses."},
-                           {"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]},
+        {
+            "image": _rel(IMG_A, tmp_path),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is on the table?"},
+                {"from": "gpt", "value": "A cake."},
+            ],
+        },
+        {
+            "image": [_rel(IMG_A, tmp_path), str(IMG_B)],  # relative and absolute
+            "conversations": [
+                {"from": "human", "value": "Two pictures <image>"},
+                {"from": "gpt", "value": "Cake and horses."},
+                {"from": "human", "value": "More?"},
+                {"from": "gpt", "value": "No."},
+            ],
+        },
         {"conversations": [{"from": "human", "value": "No image here."}, {"from": "gpt", "value": "Fine."}]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(rows))
@@ -149,9 +184,16 @@ def test_llava_json_and_jsonl(tmp_path, enc, tok):
 
 
 def test_cauldron_jsonl(tmp_path, enc, tok):
-    rows = [{"images": [_rel(IMG_B, tmp_path)], "texts": [{"user": "What animals?", "assistant": "Horses.", "source": "x"},
-                                                          {"user": "Where?", "assistant": "On a hill."}]},
-            {"images": None, "texts": [{"user": "Say hi", "assistant": "hi"}]}]
+    rows = [
+        {
+            "images": [_rel(IMG_B, tmp_path)],
+            "texts": [
+                {"user": "What animals?", "assistant": "Horses.", "source": "x"},
+                {"user": "Where?", "assistant": "On a hill."},
+            ],
+        },
+        {"images": None, "texts": [{"user": "Say hi", "assistant": "hi"}]},
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = cauldron_dataset(tmp_path / "c.jsonl", enc)
     s = ds[0]
@@ -161,19 +203,31 @@ def test_cauldron_jsonl(tmp_path, enc, tok):
 
 
 def test_bad_rows_raise_or_are_skipped(tmp_path, enc):
-    good = {"image": _rel(IMG_A, tmp_path), "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    good = {
+        "image": _rel(IMG_A, tmp_path),
+        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+    }
     no_answer = {"image": _rel(IMG_A, tmp_path), "conversations": [{"from": "human", "value": "Q"}]}
     empty_answer = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "  "}]}
-    missing_image = {"image": "nope.jpg", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    missing_image = {
+        "image": "nope.jpg",
+        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+    }
     bad_speaker = {"conversations": [{"from": "robot", "value": "Q"}, {"from": "gpt", "value": "A"}]}
     no_value = {"conversations": [{"from": "Human", "value": "Q"}, {"from": "GPT"}]}
     f = tmp_path / "rows.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in [good, no_answer, empty_answer, missing_image, bad_speaker, no_value, [1, 2]]))
+    f.write_text(
+        "\n".join(json.dumps(r) for r in [good, no_answer, empty_answer, missing_image, bad_speaker, no_value, [1, 2]])
+    )
     with pytest.raises(ValueError, match=r"rows.jsonl:1: no assistant answer"):
         llava_dataset(f, enc)
     ds = llava_dataset(f, enc, on_error="skip")
     assert len(ds) == 1 and ds.n_skipped == 6
-    for row, message in ((bad_speaker, "'from'"), (no_value, r"message 1 \(assistant\) has no text"), ([1, 2], "JSON object")):
+    for row, message in (
+        (bad_speaker, "'from'"),
+        (no_value, r"message 1 \(assistant\) has no text"),
+        ([1, 2], "JSON object"),
+    ):
         one = tmp_path / "one.json"
         one.write_text(json.dumps([row]))
         with pytest.raises(ValueError, match=message):
@@ -207,8 +261,10 @@ def test_parquet_needs_pyarrow(tmp_path, enc):
 
 def test_unreadable_image_is_a_sample_error_and_the_loader_can_blank_it(tmp_path, enc):
     (tmp_path / "bad.jpg").write_bytes(IMG_A.read_bytes()[:3000])
-    rows = [{"image": name, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
-            for name in ("bad.jpg", _rel(IMG_A, tmp_path))]
+    rows = [
+        {"image": name, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+        for name in ("bad.jpg", _rel(IMG_A, tmp_path))
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     ds = llava_dataset(tmp_path / "d.json", enc)
     with pytest.raises(SampleError, match="bad.jpg"):
@@ -329,15 +385,19 @@ def test_buckets():
 
 
 def test_collate_left_pads(enc):
-    s = [enc.encode([], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
-         enc.encode([IMG_A], [{"role": "user", "content": "longer question here"}, {"role": "assistant", "content": "b"}])]
+    s = [
+        enc.encode([], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+        enc.encode(
+            [IMG_A], [{"role": "user", "content": "longer question here"}, {"role": "assistant", "content": "b"}]
+        ),
+    ]
     b = collate(s + [None], seq_len=64, n_images=8, pad_id=2, image_size=32)
     assert b["input_ids"].shape == (3, 64) and b["images"].shape == (8, 3, 32, 32) and b["n_images"] == 5
     n0 = len(s[0]["input_ids"])
-    assert np.all(b["input_ids"][0, :64 - n0] == 2) and np.all(b["attention_mask"][0, :64 - n0] == 0)
-    np.testing.assert_array_equal(b["input_ids"][0, 64 - n0:], s[0]["input_ids"])
-    np.testing.assert_array_equal(b["labels"][0, 64 - n0:], s[0]["labels"])
-    assert np.all(b["labels"][0, :64 - n0] == -100)
+    assert np.all(b["input_ids"][0, : 64 - n0] == 2) and np.all(b["attention_mask"][0, : 64 - n0] == 0)
+    np.testing.assert_array_equal(b["input_ids"][0, 64 - n0 :], s[0]["input_ids"])
+    np.testing.assert_array_equal(b["labels"][0, 64 - n0 :], s[0]["labels"])
+    assert np.all(b["labels"][0, : 64 - n0] == -100)
     assert b["attention_mask"][2].sum() == 0 and np.all(b["labels"][2] == -100)
     np.testing.assert_array_equal(b["images"][:5], s[1]["images"])
     assert not b["images"][5:].any()
@@ -352,11 +412,11 @@ def test_loader_batches_are_static_and_consistent(coco_all, tok):
         assert T in (96, 128, 192) and b["images"].shape[1:] == (3, 32, 32)
         assert b["images"].shape[0] in loader.image_buckets and b["n_images"] == 20  # 4 rows x 5 tiles
         assert int(np.sum(b["input_ids"] == tok.image_token_id)) == b["n_images"] * L
-        assert not b["images"][b["n_images"]:].any()
+        assert not b["images"][b["n_images"] :].any()
         lengths = b["attention_mask"].sum(1)
         assert T == pick_bucket(int(lengths.max()), (96, 128, 192))
         for r in range(4):  # left padding: the mask is 0...0 1...1
-            assert np.all(b["attention_mask"][r, T - lengths[r]:] == 1)
+            assert np.all(b["attention_mask"][r, T - lengths[r] :] == 1)
         seen.append(b)
         if k == 5:
             break
@@ -388,8 +448,13 @@ def test_shuffle_seed_and_epochs(syn_enc):
     assert sorted(a.order(0)) == list(range(40))
     assert not np.array_equal(a.order(0), a.order(1)) and not np.array_equal(a.order(0), c.order(0))
     first = next(iter(a))
-    expected = collate([ds[i] for i in a.batch_indices(0, 0)], seq_len=first["input_ids"].shape[1], n_images=first["images"].shape[0],
-                       pad_id=2, image_size=32)
+    expected = collate(
+        [ds[i] for i in a.batch_indices(0, 0)],
+        seq_len=first["input_ids"].shape[1],
+        n_images=first["images"].shape[0],
+        pad_id=2,
+        image_size=32,
+    )
     for k in ("input_ids", "labels", "attention_mask", "images"):
         np.testing.assert_array_equal(first[k], expected[k])
     unshuffled = DataLoader(ds, 4, shuffle=False, prefetch=0)
@@ -460,7 +525,9 @@ def test_multi_host_shards_agree_on_shapes(coco_all):
 
 
 def test_shape_groups_share_shapes(coco_all):
-    loader = DataLoader(coco_all, 2, seq_buckets=(52, 56, 64, 96), image_buckets=(5, 10), shape_group=3, seed=0, prefetch=0)
+    loader = DataLoader(
+        coco_all, 2, seq_buckets=(52, 56, 64, 96), image_buckets=(5, 10), shape_group=3, seed=0, prefetch=0
+    )
     assert len(loader) % 3 == 0
     batches = []
     for k, b in enumerate(loader):
@@ -468,7 +535,7 @@ def test_shape_groups_share_shapes(coco_all):
         if k == 8:
             break
     for g in range(3):
-        group = batches[3 * g:3 * g + 3]
+        group = batches[3 * g : 3 * g + 3]
         assert len({b["input_ids"].shape for b in group}) == 1 and len({b["images"].shape for b in group}) == 1
 
 

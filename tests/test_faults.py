@@ -27,18 +27,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, record
+
 from conversion import load_safetensors
 
 SMOLLM2 = ROOT.parent / "shared" / "data" / "smollm2"
-pytestmark = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
-                                reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)")
+pytestmark = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file(),
+    reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)",
+)
 
 STEPS, SAVE_EVERY = 24, 2
-ARGS = ["-m", "jaxvlm", "train", "--tokenizer", str(SMOLLM2), "--steps", str(STEPS), "--batch-size", "4",
-        "--synthetic-size", "64", "--save-every", str(SAVE_EVERY), "--keep", "2", "--log-every", "1",
-        "--max-length", "128", "--seed", "1", "--lr-language-backbone", "1e-3", "--lr-vision-backbone", "1e-3"]
+ARGS = [
+    "-m",
+    "jaxvlm",
+    "train",
+    "--tokenizer",
+    str(SMOLLM2),
+    "--steps",
+    str(STEPS),
+    "--batch-size",
+    "4",
+    "--synthetic-size",
+    "64",
+    "--save-every",
+    str(SAVE_EVERY),
+    "--keep",
+    "2",
+    "--log-every",
+    "1",
+    "--max-length",
+    "128",
+    "--seed",
+    "1",
+    "--lr-language-backbone",
+    "1e-3",
+    "--lr-vision-backbone",
+    "1e-3",
+]
 PROGRESS = re.compile(r"^\[[#.]+\] (\d+)/\d+ loss")
 RESUMED = re.compile(r"^resumed from .*/checkpoints/(\d+) \(step (\d+)\)$")
 N_KILLS = 10
@@ -50,8 +76,15 @@ class Training:
     def __init__(self, out: Path, env: dict, *extra: str):
         self.started = time.time()
         self.err_path = out.parent / f"{out.name}.stderr.{time.monotonic_ns()}"
-        self.proc = subprocess.Popen([sys.executable, *ARGS, "--output-dir", str(out), *extra], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=self.err_path.open("w"), text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, *ARGS, "--output-dir", str(out), *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self.err_path.open("w"),
+            text=True,
+            bufsize=1,
+        )
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -116,8 +149,13 @@ def assert_same_run(out: Path, ref: Path) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +201,26 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(refere
                 run.finish()
                 kills += 1
                 seen, before = run.steps_seen(), latest
-                partial = sorted(p.name for p in (out / "checkpoints").glob("*.orbax-checkpoint-tmp*")
-                                 if p.stat().st_mtime >= run.started) if seen else []  # written by this process
+                partial = (
+                    sorted(
+                        p.name
+                        for p in (out / "checkpoints").glob("*.orbax-checkpoint-tmp*")
+                        if p.stat().st_mtime >= run.started
+                    )
+                    if seen
+                    else []
+                )  # written by this process
                 where["a checkpoint write" if partial else "a step" if seen else "start-up or restore"] += 1
                 if seen or run.resumed_step() is not None:  # else killed before it had said where it resumed
-                    assert run.resumed_step() == latest, f"kill {kills}: resumed at {run.resumed_step()}, latest checkpoint was {latest}"
+                    assert run.resumed_step() == latest, (
+                        f"kill {kills}: resumed at {run.resumed_step()}, latest checkpoint was {latest}"
+                    )
                 latest = max(complete_steps(out), default=None)
-                log.append(f"kill {kills}: after {wait} progress line(s) + {delay:.2f} s; resumed at {before}, "
-                           f"reached step {seen}, latest complete checkpoint now {latest}"
-                           + (f", partial {partial} left" if partial else ""))
+                log.append(
+                    f"kill {kills}: after {wait} progress line(s) + {delay:.2f} s; resumed at {before}, "
+                    f"reached step {seen}, latest complete checkpoint now {latest}"
+                    + (f", partial {partial} left" if partial else "")
+                )
                 if seen:  # a step's checkpoint is written after its progress line, one every SAVE_EVERY steps
                     assert seen - SAVE_EVERY <= (latest or 0) <= seen, log[-1]
                 else:
@@ -184,8 +233,11 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(refere
             break
         assert_same_run(out, reference)
     print("\n".join(log))
-    record("SIGKILL trials", f"{kills} kills over {chains} chain(s) (during {where}): every resume from the latest "
-                             "complete checkpoint; final parameters and losses bit-identical to the uninterrupted run")
+    record(
+        "SIGKILL trials",
+        f"{kills} kills over {chains} chain(s) (during {where}): every resume from the latest "
+        "complete checkpoint; final parameters and losses bit-identical to the uninterrupted run",
+    )
 
 
 def _sigterm_after(out: Path, env: dict, lines: int, *extra: str) -> Training:

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import record
 from flax import nnx
 
 import jaxvlm
 import torch_ref
-from conftest import record
 from jaxvlm.generate import TRACE_COUNTS, bucket_length
 from jaxvlm.generate import generate as jax_generate
 from jaxvlm.generate import replace_after_eos as jax_replace_after_eos
@@ -118,14 +118,20 @@ def assert_greedy_parity(name, pair, ids, mask, images, n_new, tol=TOL_TINY):
     top2 = np.sort(tl, axis=-1)[..., -2:]
     margin = float((top2[..., 1] - top2[..., 0]).min())
     distinct = [len(set(row)) for row in tt]
-    record(f"generate {name} greedy jaxvlm vs torch_ref",
-           f"{n_new} tokens x {ids.shape[0]} rows identical; step logits max|diff| {err:.2e} (tol {tol:.0e}, "
-           f"max|logit| {np.abs(tl).max():.1f}); min top-2 margin {margin:.2e}; distinct tokens per row {distinct}")
+    record(
+        f"generate {name} greedy jaxvlm vs torch_ref",
+        f"{n_new} tokens x {ids.shape[0]} rows identical; step logits max|diff| {err:.2e} (tol {tol:.0e}, "
+        f"max|logit| {np.abs(tl).max():.1f}); min top-2 margin {margin:.2e}; distinct tokens per row {distinct}",
+    )
     mismatch = np.argwhere(tt != jt)
-    assert mismatch.size == 0, f"first token mismatch at (row, step) {tuple(mismatch[0])}: torch {tt[tuple(mismatch[0])]} jax {jt[tuple(mismatch[0])]}"
+    assert mismatch.size == 0, (
+        f"first token mismatch at (row, step) {tuple(mismatch[0])}: torch {tt[tuple(mismatch[0])]} jax {jt[tuple(mismatch[0])]}"
+    )
     assert err <= tol, f"step logits max|diff| {err:.2e} > {tol:.0e}"
     # No step was within float noise of a tie, so equal tokens are not luck.
-    assert margin > 2 * err, f"argmax margin {margin:.2e} too close to the logit error {err:.2e}: comparison not meaningful"
+    assert margin > 2 * err, (
+        f"argmax margin {margin:.2e} too close to the logit error {err:.2e}: comparison not meaningful"
+    )
     assert min(distinct) >= 4, f"degenerate random model, distinct tokens per row {distinct}"
     return jt, jl, tl
 
@@ -134,7 +140,9 @@ def full_sequence(ids, mask, tokens):
     """Prompt + all generated tokens but the last, and its mask (ones for generated tokens)."""
     B, n = tokens.shape
     mask = np.ones_like(ids) if mask is None else mask
-    return np.concatenate([ids, tokens[:, :-1]], axis=1), np.concatenate([mask, np.ones((B, n - 1), mask.dtype)], axis=1)
+    return np.concatenate([ids, tokens[:, :-1]], axis=1), np.concatenate(
+        [mask, np.ones((B, n - 1), mask.dtype)], axis=1
+    )
 
 
 def assert_cached_equals_uncached(name, jmodel, ids, mask, images, tokens, step_logits, tol=TOL_TINY):
@@ -142,7 +150,10 @@ def assert_cached_equals_uncached(name, jmodel, ids, mask, images, tokens, step_
     full, full_mask = full_sequence(ids, mask, tokens)
     ref = np.asarray(jaxvlm.forward(jmodel, full, images, full_mask))[:, ids.shape[1] - 1 :]
     err = float(np.abs(ref - step_logits).max())
-    record(f"generate {name} jaxvlm cached vs uncached", f"{tokens.shape[1]} steps, logits max|diff| {err:.2e} (tol {tol:.0e})")
+    record(
+        f"generate {name} jaxvlm cached vs uncached",
+        f"{tokens.shape[1]} steps, logits max|diff| {err:.2e} (tol {tol:.0e})",
+    )
     assert err <= tol, f"cached decode vs full recomputation: max|diff| {err:.2e} > {tol:.0e}"
     return err
 
@@ -210,7 +221,8 @@ def test_top_k_top_p_kept_set_matches_torch(seed):
                 j = np.asarray(jax_filter(jnp.asarray(logits), k, p))
                 kept_t, kept_j = np.isfinite(t), np.isfinite(j)
                 assert np.array_equal(kept_t, kept_j), (
-                    f"V={V} k={k} p={p}: kept {kept_t.sum(-1)} (torch) vs {kept_j.sum(-1)} (jax)")
+                    f"V={V} k={k} p={p}: kept {kept_t.sum(-1)} (torch) vs {kept_j.sum(-1)} (jax)"
+                )
                 assert np.array_equal(t[kept_t], j[kept_j])
     # a traced top_p gives the same as a Python float
     logits = jnp.asarray(rng.normal(size=(3, 500)).astype(np.float32))
@@ -226,8 +238,13 @@ def test_sampling_distribution_filters_then_temperature():
     probs = torch.softmax(torch_filter(torch.from_numpy(logits), top_k=k, top_p=p) / temperature, -1).numpy()[0]
     n = 20000
     keys = jax.random.split(jax.random.key(0), n)
-    draw = jax.jit(jax.vmap(lambda key: select_next_token(jnp.asarray(logits), key, greedy=False,
-                                                          temperature=temperature, top_k=k, top_p=p)[0]))
+    draw = jax.jit(
+        jax.vmap(
+            lambda key: select_next_token(
+                jnp.asarray(logits), key, greedy=False, temperature=temperature, top_k=k, top_p=p
+            )[0]
+        )
+    )
     freq = np.bincount(np.asarray(draw(keys)), minlength=logits.shape[1]) / n
     assert np.all(freq[probs == 0] == 0), f"drew a filtered token: {freq}"
     assert np.abs(freq - probs).max() < 0.015, f"frequencies {freq.round(3)} vs probabilities {probs.round(3)}"
@@ -263,11 +280,15 @@ def test_one_compile_per_bucket():
         ids = rng.integers(3, 1000, (2, T))
         mask = np.ones_like(ids)
         mask[0, : T // 2] = 0
-        out = jax_generate(model, ids, None, mask, max_new_tokens=n_new, greedy=True, eos_token_id=int(rng.integers(3, 9)))
+        out = jax_generate(
+            model, ids, None, mask, max_new_tokens=n_new, greedy=True, eos_token_id=int(rng.integers(3, 9))
+        )
         assert out.shape == (2, n_new)
     assert new_traces() == {"prefill": 1, "decode": 1}, new_traces()
     for seed, temperature, top_p in [(0, 0.5, 0.9), (1, 1.0, 0.5)]:  # traced sampling parameters
-        jax_generate(model, ids, None, mask, max_new_tokens=5, temperature=temperature, top_p=top_p, top_k=10, seed=seed)
+        jax_generate(
+            model, ids, None, mask, max_new_tokens=5, temperature=temperature, top_p=top_p, top_k=10, seed=seed
+        )
     assert new_traces() == {"prefill": 1, "decode": 2}, new_traces()
     jax_generate(model, rng.integers(3, 1000, (2, 33)), None, None, max_new_tokens=5, greedy=True)  # next bucket
     assert new_traces() == {"prefill": 2, "decode": 3}, new_traces()
@@ -298,8 +319,9 @@ def test_eos_end_to_end(tiny):
     np.testing.assert_array_equal(tt, expected)
     # every row done -> the loop stops: no logits after the last row's first EOS
     first = int(np.argmax(free[0] == eos))
-    _, jl = jax_generate(jmodel, ids[:1], images, mask[:1], max_new_tokens=24, greedy=True, eos_token_id=eos,
-                         return_logits=True)
+    _, jl = jax_generate(
+        jmodel, ids[:1], images, mask[:1], max_new_tokens=24, greedy=True, eos_token_id=eos, return_logits=True
+    )
     jl = np.asarray(jl)
     assert np.all(jl[0, : first + 1] != 0) and np.all(jl[0, first + 1 :] == 0), "decoding did not stop at EOS"
 
@@ -310,12 +332,25 @@ def test_stream_callback_sees_every_token_in_order(tiny):
     cfg, _, jmodel = tiny
     ids, mask, images = make_batch(cfg, [20, 11], [1, 0], seed=7)
     seen = []
-    out = np.asarray(jax_generate(jmodel, ids, images, mask, max_new_tokens=12, top_k=20, top_p=0.9,
-                                  temperature=1.0, seed=3, stream=lambda step, tok: seen.append((step, tok.copy()))))
+    out = np.asarray(
+        jax_generate(
+            jmodel,
+            ids,
+            images,
+            mask,
+            max_new_tokens=12,
+            top_k=20,
+            top_p=0.9,
+            temperature=1.0,
+            seed=3,
+            stream=lambda step, tok: seen.append((step, tok.copy())),
+        )
+    )
     assert [s for s, _ in seen] == list(range(12))
     np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), out)
-    again = np.asarray(jax_generate(jmodel, ids, images, mask, max_new_tokens=12, top_k=20, top_p=0.9,
-                                    temperature=1.0, seed=3))
+    again = np.asarray(
+        jax_generate(jmodel, ids, images, mask, max_new_tokens=12, top_k=20, top_p=0.9, temperature=1.0, seed=3)
+    )
     np.testing.assert_array_equal(again, out)  # streaming does not change the draws
 
 

@@ -11,15 +11,15 @@ gradient (head + embedding paths summed) is compared under its checkpoint key
 from __future__ import annotations
 
 import numpy as np
+import numpy_reference as nr
 import pytest
 import torch
+from conftest import assert_close, make_batch, random_torch_vlm, record, tiny_cfg, to_np
 from flax import nnx
 
 import jaxvlm
-import numpy_reference as nr
-from conftest import assert_close, make_batch, random_torch_vlm, record, tiny_cfg, to_np
 from conversion.mapping import mapping
-from jaxvlm.checkpoint import model_from_torch_tensors
+from jaxvlm.pretrained import model_from_torch_tensors
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -67,9 +67,16 @@ def test_gradients_every_parameter(seed, tie):
         logits_t, _ = tmodel(ids, images, mask)
     loss_n = nr.cross_entropy(to_np(logits_t), targets)
     lt, lj = float(loss_t.detach()), float(loss_j)
-    record(f"{name} loss", f"torch_ref {lt:.7f} jaxvlm {lj:.7f} |rel diff| {abs(lj - lt) / abs(lt):.2e} (tol {LOSS_TOL:.0e})")
-    assert abs(lj - lt) <= LOSS_TOL * abs(lt), f"{name}: loss jaxvlm {lj} vs torch_ref {lt} (tol {LOSS_TOL:.0e} relative)"
-    assert abs(loss_n - lt) <= LOSS_TOL * abs(lt), f"{name}: loss oracle-on-torch-logits {loss_n} vs torch_ref {lt} (tol {LOSS_TOL:.0e})"
+    record(
+        f"{name} loss",
+        f"torch_ref {lt:.7f} jaxvlm {lj:.7f} |rel diff| {abs(lj - lt) / abs(lt):.2e} (tol {LOSS_TOL:.0e})",
+    )
+    assert abs(lj - lt) <= LOSS_TOL * abs(lt), (
+        f"{name}: loss jaxvlm {lj} vs torch_ref {lt} (tol {LOSS_TOL:.0e} relative)"
+    )
+    assert abs(loss_n - lt) <= LOSS_TOL * abs(lt), (
+        f"{name}: loss oracle-on-torch-logits {loss_n} vs torch_ref {lt} (tol {LOSS_TOL:.0e})"
+    )
 
     # every trainable parameter on both sides, and nothing else
     params_t = dict(tmodel.named_parameters())  # the tied head appears once, as the embedding
@@ -89,7 +96,10 @@ def test_gradients_every_parameter(seed, tie):
         n_checked += 1
         if rel > worst:
             worst, worst_key = rel, e.torch_key
-    record(name, f"worst ||g_jax - g_torch|| / ||g_torch|| {worst:.2e} at {worst_key} over {n_checked} parameters (tol {GRAD_TOL:.0e})")
+    record(
+        name,
+        f"worst ||g_jax - g_torch|| / ||g_torch|| {worst:.2e} at {worst_key} over {n_checked} parameters (tol {GRAD_TOL:.0e})",
+    )
     assert worst <= GRAD_TOL, f"{name}: {worst_key} relative gradient error {worst:.2e} (tol {GRAD_TOL:.0e})"
 
 
@@ -109,7 +119,9 @@ PAD_GRAD_TOL = 1e-5
 def _padded_rows_case():
     rng = np.random.default_rng(0)
     B, nh, nkv, T, hd = 2, 4, 2, 10, 8
-    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)))
+    q, k, v = (
+        rng.standard_normal(shape).astype(np.float32) for shape in ((B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd))
+    )
     mask = np.ones((B, T), np.int64)
     mask[1, :6] = 0  # row 1: queries 0..5 see only padding
     w = np.zeros((B, nh, T, hd), np.float32)
@@ -124,22 +136,33 @@ def _padded_rows_case():
     return q, k, v, mask, w, want
 
 
-def test_attention_dv_through_fully_padded_rows_jaxvlm():
+@pytest.mark.parametrize("kernels", ["xla_cpu", "plain"])
+def test_attention_dv_through_fully_padded_rows_jaxvlm(kernels):
     import jax
     import jax.numpy as jnp
 
-    from jaxvlm.attention import attention
+    from jaxvlm.kernels import select
 
+    attention = select(kernels).attention
     q, k, v, mask, w, want = _padded_rows_case()
-    tr = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))  # torch [B, h, T, hd] -> jax [B, T, h, hd]
-    loss = lambda vv: jnp.sum(attention(tr(q), tr(k), vv, causal=True, attention_mask=jnp.asarray(mask)) * tr(w))
+
+    def tr(x):  # torch [B, h, T, hd] -> jax [B, T, h, hd]
+        return jnp.asarray(x.transpose(0, 2, 1, 3))
+
+    def loss(vv):
+        return jnp.sum(attention(tr(q), tr(k), vv, causal=True, attention_mask=jnp.asarray(mask)) * tr(w))
+
     dv = np.asarray(jax.grad(loss)(tr(v))).transpose(0, 2, 1, 3)
-    assert_close("attention dV through fully padded query rows: jaxvlm vs exact", dv, want, PAD_GRAD_TOL)
+    name = "jaxvlm" if kernels == "xla_cpu" else "jaxvlm (plain kernels)"
+    assert_close(f"attention dV through fully padded query rows: {name} vs exact", dv, want, PAD_GRAD_TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="torch CPU flash-attention backward: dV of a query row whose keys are all "
-                                       "padding (finite finfo.min bias) is n times too large; torch_ref/attention.py "
-                                       "line 44 and upstream alike. Zero effect with the pipeline's labels.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch CPU flash-attention backward: dV of a query row whose keys are all "
+    "padding (finite finfo.min bias) is n times too large; torch_ref/attention.py "
+    "line 44 and upstream alike. Zero effect with the pipeline's labels.",
+)
 def test_attention_dv_through_fully_padded_rows_torch_ref():
     from torch_ref.attention import attention
 
@@ -164,27 +187,33 @@ def test_cross_entropy_backward_matches_torch(seed):
     targets[1, 3:9] = 7  # the same target in several rows
     loss_j, grad_j = jax.value_and_grad(jaxvlm.cross_entropy)(logits, targets.astype(np.int32))
     lt = torch.tensor(logits, requires_grad=True)
-    loss_t = torch.nn.functional.cross_entropy(lt.reshape(-1, 1000), torch.tensor(targets).reshape(-1), ignore_index=-100)
+    loss_t = torch.nn.functional.cross_entropy(
+        lt.reshape(-1, 1000), torch.tensor(targets).reshape(-1), ignore_index=-100
+    )
     loss_t.backward()
-    assert_close(f"cross-entropy loss[seed={seed}]", np.float64(loss_j), loss_t.detach().numpy().astype(np.float64), 1e-6)
+    assert_close(
+        f"cross-entropy loss[seed={seed}]", np.float64(loss_j), loss_t.detach().numpy().astype(np.float64), 1e-6
+    )
     err = assert_close(f"cross-entropy d logits[seed={seed}]", grad_j, lt.grad.numpy(), 1e-5)
     record(f"cross-entropy backward vs torch[seed={seed}]", f"d logits {err:.1e} x max|ref| (tol 1e-5)")
     assert np.all(np.asarray(grad_j)[0, :5] == 0)
 
 
 def test_chunked_causal_attention_equals_unchunked(monkeypatch):
-    """Long causal self-attention runs in query chunks (jaxvlm.attention.MIN_QUERY_CHUNK), each
+    """Long causal self-attention on XLA:CPU runs in query chunks (jaxvlm.xla_cpu_kernels.MIN_QUERY_CHUNK), each
     against the keys up to its end. Forward and gradients (q, k, v) equal the one-chunk
     computation on a left-padded GQA batch of 256 tokens, a fully padded row included:
     1e-6 relative (the skipped logits are exactly masked; only reduction order can differ)."""
     import jax
 
-    from jaxvlm import attention as att
+    from jaxvlm import xla_cpu_kernels as att
 
     rng = np.random.default_rng(0)
     B, T, nh, nkv, hd = 3, 256, 6, 2, 16
-    q, k, v, gy = (rng.normal(size=s).astype(np.float32) for s in
-                   ((B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd), (B, T, nh, hd)))
+    q, k, v, gy = (
+        rng.normal(size=s).astype(np.float32)
+        for s in ((B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd), (B, T, nh, hd))
+    )
     mask = np.ones((B, T), np.int32)
     mask[1, :70] = 0  # left padding across the first chunk boundary
     mask[2, :] = 0  # all padding: torch's uniform-attention semantics
@@ -198,6 +227,8 @@ def test_chunked_causal_attention_equals_unchunked(monkeypatch):
     monkeypatch.setattr(att, "MAX_QUERY_CHUNKS", 1)
     whole = run()
     assert att.MIN_QUERY_CHUNK * 2 <= T  # the first run really was chunked
-    worst = max(assert_close(f"chunked attention {name}", a, b, 1e-6)
-                for name, a, b in zip(("y", "dq", "dk", "dv"), chunked, whole))
+    worst = max(
+        assert_close(f"chunked attention {name}", a, b, 1e-6)
+        for name, a, b in zip(("y", "dq", "dk", "dv"), chunked, whole)
+    )
     record("chunked vs whole causal attention, T=256", f"forward and gradients {worst:.1e} relative (tol 1e-6)")

@@ -25,14 +25,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (test-only dependency: pip install -c constraints.txt -e '.[dev]')")
+    "transformers",
+    reason="transformers is not installed (test-only dependency: pip install -c constraints.txt -e '.[dev]')",
+)
 
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
+from conftest import assert_close, record, to_np  # noqa: E402
 
 import jaxvlm  # noqa: E402
 import torch_ref  # noqa: E402
-from conftest import assert_close, record, to_np  # noqa: E402
 from conversion import load_safetensors, read_checkpoint, save_safetensors  # noqa: E402
 from conversion.hf import build_from_hf, from_hf, rope_inv_freq  # noqa: E402
 
@@ -42,11 +44,27 @@ transformers.utils.logging.set_verbosity_error()
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2"
 
 IMG, PATCH = 32, 8
-VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=IMG,
-              patch_size=PATCH, layer_norm_eps=1e-3)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMG,
+    patch_size=PATCH,
+    layer_norm_eps=1e-3,
+)
 V0 = 320
-LANGUAGE = dict(vocab_size=V0, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-4, max_position_embeddings=512)
+LANGUAGE = dict(
+    vocab_size=V0,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=5000.0,
+    rms_norm_eps=1e-4,
+    max_position_embeddings=512,
+)
 SETTINGS = dict(mp_pixel_shuffle_factor=2, max_img_size=64)  # 32 px tiles: 4x4 patches -> 2x2 = 4 tokens
 T_TEXT = 256
 
@@ -80,7 +98,7 @@ def _restyle_prefix(src: Path, dst: Path, prefix: str) -> None:
     shutil.copyfile(src / "config.json", dst / "config.json")
     tensors, meta = load_safetensors(src / "model.safetensors")
     if all(k.startswith(prefix) for k in tensors):
-        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
     else:
         assert not any(k.startswith(prefix) for k in tensors)
         tensors = {prefix + k: v for k, v in tensors.items()}
@@ -91,7 +109,14 @@ def _restyle_prefix(src: Path, dst: Path, prefix: str) -> None:
 def backbones(tmp_path_factory):
     """{layout: (directory, torch reference module)}: vision layouts map to a module whose output
     is the SigLIP vision transformer's last_hidden_state, language layouts to a LlamaForCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        SiglipConfig,
+        SiglipModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     root = tmp_path_factory.mktemp("hf")
     out = {}
@@ -100,10 +125,24 @@ def backbones(tmp_path_factory):
     out["siglip_vision"] = (root / "siglip_vision", vision)  # keys as this transformers writes them
     _restyle_prefix(root / "siglip_vision", root / "siglip_vision_restyled", "vision_model.")
     out["siglip_vision_restyled"] = (root / "siglip_vision_restyled", vision)  # the other style
-    dual = randomize_hf_(SiglipModel(SiglipConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=VISION)), 11)
+    dual = randomize_hf_(
+        SiglipModel(
+            SiglipConfig(
+                text_config=dict(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    vocab_size=64,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    pad_token_id=0,
+                ),
+                vision_config=VISION,
+            )
+        ),
+        11,
+    )
     dual.save_pretrained(root / "siglip_dual")
     dual.save_pretrained(root / "siglip_dual_sharded", max_shard_size="40KB")
     out["siglip_dual"] = (root / "siglip_dual", dual.vision_model)
@@ -123,8 +162,12 @@ def backbones(tmp_path_factory):
     return out
 
 
-PAIRS = [("siglip_vision", "llama_tied"), ("siglip_vision_restyled", "llama_untied"),
-         ("siglip_dual", "llama_tied_sharded"), ("siglip_dual_sharded", "llama_untied_sharded")]
+PAIRS = [
+    ("siglip_vision", "llama_tied"),
+    ("siglip_vision_restyled", "llama_untied"),
+    ("siglip_dual", "llama_tied_sharded"),
+    ("siglip_dual_sharded", "llama_untied_sharded"),
+]
 
 
 @pytest.mark.parametrize("vision_layout,language_layout", PAIRS)
@@ -135,10 +178,20 @@ def test_outputs_equal_transformers(vision_layout, language_layout, backbones, t
     cfg = build_from_hf(vdir, ldir, out, seed=0, **SETTINGS)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     keys = load_safetensors(vdir / "model.safetensors")[0] if (vdir / "model.safetensors").is_file() else {}
-    record(f"from-hf {vision_layout} key style", "vision_model.*" if any(k.startswith("vision_model.") for k in keys) else
-           ("bare" if keys else "sharded dual tower"))
+    record(
+        f"from-hf {vision_layout} key style",
+        "vision_model.*"
+        if any(k.startswith("vision_model.") for k in keys)
+        else ("bare" if keys else "sharded dual tower"),
+    )
     assert cfg.lm_tie_weights == ("untied" not in language_layout)
-    assert (cfg.vit_ln_eps, cfg.lm_rms_eps, cfg.lm_re_base, cfg.vit_inter_dim, cfg.lm_inter_dim) == (1e-3, 1e-4, 5000, 48, 96)
+    assert (cfg.vit_ln_eps, cfg.lm_rms_eps, cfg.lm_re_base, cfg.vit_inter_dim, cfg.lm_inter_dim) == (
+        1e-3,
+        1e-4,
+        5000,
+        48,
+        96,
+    )
     tmodel = torch_ref.VisionLanguageModel.from_pretrained(out).eval()
     jmodel = jaxvlm.VisionLanguageModel.from_pretrained(out)
     name = f"from-hf {vision_layout} + {language_layout}"
@@ -148,7 +201,9 @@ def test_outputs_equal_transformers(vision_layout, language_layout, backbones, t
         want = hf_vision(pixel_values=torch.from_numpy(pixels)).last_hidden_state
         got_t = tmodel.vision_encoder(torch.from_numpy(pixels))
     assert_close(f"{name}: vision torch_ref vs transformers SigLIP", got_t, want, 1e-5)
-    assert_close(f"{name}: vision jaxvlm vs transformers SigLIP", jmodel.vision_encoder(jnp.asarray(pixels)), want, 1e-4)
+    assert_close(
+        f"{name}: vision jaxvlm vs transformers SigLIP", jmodel.vision_encoder(jnp.asarray(pixels)), want, 1e-4
+    )
 
     ids = np.random.default_rng(1).integers(0, V0, size=(2, T_TEXT))
     with torch.no_grad():
@@ -188,10 +243,15 @@ def test_weights_are_copied_and_new_rows_are_upstreams_init(language_layout, bac
         assert not np.array_equal(*new_rows), "the untied head's new rows are drawn on their own"
     for x in new_rows + [t0["MP.proj.weight"]]:
         n = x.size
-        assert abs(float(x.mean())) < 4 * 0.02 / np.sqrt(n) and abs(float(x.std()) / 0.02 - 1) < 4 / np.sqrt(2 * n), \
+        assert abs(float(x.mean())) < 4 * 0.02 / np.sqrt(n) and abs(float(x.std()) / 0.02 - 1) < 4 / np.sqrt(2 * n), (
             f"N(0, 0.02) expected: mean {x.mean():.2e}, std {x.std():.4f} over {n}"
-    assert np.array_equal(t0["decoder.blocks.1.attn.out_proj.weight"], to_np(hf_lm.model.layers[1].self_attn.o_proj.weight))
-    assert np.array_equal(t0["decoder.blocks.0.norm2.weight"], to_np(hf_lm.model.layers[0].post_attention_layernorm.weight))
+        )
+    assert np.array_equal(
+        t0["decoder.blocks.1.attn.out_proj.weight"], to_np(hf_lm.model.layers[1].self_attn.o_proj.weight)
+    )
+    assert np.array_equal(
+        t0["decoder.blocks.0.norm2.weight"], to_np(hf_lm.model.layers[0].post_attention_layernorm.weight)
+    )
     assert np.array_equal(t0["decoder.rotary_embd.inv_freq"], to_np(torch_ref.language_model.rope_inv_freq(16, 5000.0)))
 
 
@@ -235,8 +295,9 @@ def test_rope_inv_freq_bit_equal_to_torch_ref(head_dim, base):
     ours = rope_inv_freq(head_dim, base)
     theirs = to_np(torch_ref.language_model.rope_inv_freq(head_dim, base))
     assert ours.dtype == np.float32 and ours.shape == (head_dim // 2,)
-    assert np.array_equal(ours.view(np.int32), theirs.view(np.int32)), \
+    assert np.array_equal(ours.view(np.int32), theirs.view(np.int32)), (
         f"hd {head_dim} base {base}: {int((ours != theirs).sum())} element(s) differ"
+    )
 
 
 def test_rope_inv_freq_within_two_ulp_of_torch_everywhere():
@@ -251,8 +312,10 @@ def test_rope_inv_freq_within_two_ulp_of_torch_everywhere():
             worst = max(worst, int(np.abs(a - b).max()))
             exact += int((a == b).sum())
             total += a.size
-    record("rope inv_freq numpy vs torch_ref (hd 2..512, 8 bases)",
-           f"{exact}/{total} elements bit-equal ({exact / total:.1%}), worst {worst} ulp")
+    record(
+        "rope inv_freq numpy vs torch_ref (hd 2..512, 8 bases)",
+        f"{exact}/{total} elements bit-equal ({exact / total:.1%}), worst {worst} ulp",
+    )
     assert worst <= 2
 
 
@@ -287,38 +350,96 @@ def test_tokenizer_is_copied_and_its_ids_fit(smollm2_sized, backbones, tmp_path)
 def test_jaxvlm_train_init_from_hf(smollm2_sized, backbones, tmp_path):
     """Two steps from HF backbones with only the projector trained: the exported checkpoint
     carries the backbones' weights unchanged, the tokenizer and the VLM settings."""
-    from jaxvlm.training import RunConfig, train
+    from jaxvlm.train_loop import RunConfig, train
 
     ldir, lm = smollm2_sized
     vdir, vision = backbones["siglip_dual_sharded"]
-    run = RunConfig(output_dir=str(tmp_path / "run"), init_from_hf_vision=str(vdir), init_from_hf_language=str(ldir),
-                    init_from_hf_settings=json.dumps(SETTINGS), steps=2, batch_size=2, synthetic_size=16, save_every=1,
-                    log_every=1, max_length=128, lr_vision_backbone=0.0, lr_language_backbone=0.0, seed=5)
+    run = RunConfig(
+        output_dir=str(tmp_path / "run"),
+        init_from_hf_vision=str(vdir),
+        init_from_hf_language=str(ldir),
+        init_from_hf_settings=json.dumps(SETTINGS),
+        steps=2,
+        batch_size=2,
+        synthetic_size=16,
+        save_every=1,
+        log_every=1,
+        max_length=128,
+        lr_vision_backbone=0.0,
+        lr_language_backbone=0.0,
+        seed=5,
+    )
     summary = train(run)
     assert summary["steps"] == 2
     cfg, t = read_checkpoint(tmp_path / "run" / "model")
-    assert (cfg.mp_pixel_shuffle_factor, cfg.max_img_size, cfg.lm_base_vocab_size, cfg.vit_ln_eps) == (2, 64, 49152, 1e-3)
+    assert (cfg.mp_pixel_shuffle_factor, cfg.max_img_size, cfg.lm_base_vocab_size, cfg.vit_ln_eps) == (
+        2,
+        64,
+        49152,
+        1e-3,
+    )
     assert (tmp_path / "run" / "model" / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()
     assert np.array_equal(t["decoder.head.weight"][:49152], to_np(lm.model.embed_tokens.weight))
     assert np.array_equal(t["vision_encoder.blocks.0.mlp.fc2.weight"], to_np(vision.encoder.layers[0].mlp.fc2.weight))
     _, fresh = from_hf(vdir, ldir, seed=5, **SETTINGS)
-    assert np.array_equal(t["decoder.head.weight"][49152:], fresh["decoder.head.weight"][49152:]), "new rows from --seed"
+    assert np.array_equal(t["decoder.head.weight"][49152:], fresh["decoder.head.weight"][49152:]), (
+        "new rows from --seed"
+    )
     assert not np.array_equal(t["MP.proj.weight"], fresh["MP.proj.weight"]), "the projector was trained"
 
 
 def test_cli_from_hf(backbones, tmp_path):
-    from conversion.cli import main
+    from cli.convert import main
 
     vdir, ldir = backbones["siglip_dual"][0], backbones["llama_untied_sharded"][0]
-    assert main(["from-hf", "--vision", str(vdir), "--language", str(ldir), "--out", str(tmp_path / "a"),
-                 "--pixel-shuffle-factor", "2", "--max-img-size", "64", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "from-hf",
+                "--vision",
+                str(vdir),
+                "--language",
+                str(ldir),
+                "--out",
+                str(tmp_path / "a"),
+                "--pixel-shuffle-factor",
+                "2",
+                "--max-img-size",
+                "64",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     cfg_a, ta = read_checkpoint(tmp_path / "a")
     _, tb = from_hf(vdir, ldir, seed=3, **SETTINGS)
     assert not cfg_a.lm_tie_weights and all(np.array_equal(ta[k], tb[k]) for k in tb)
-    assert main(["from-hf", "--vision", str(vdir), "--language", str(ldir), "--out", str(tmp_path / "b"),
-                 "--pixel-shuffle-factor", "4", "--extra-tokens", "legacy"]) == 0
+    assert (
+        main(
+            [
+                "from-hf",
+                "--vision",
+                str(vdir),
+                "--language",
+                str(ldir),
+                "--out",
+                str(tmp_path / "b"),
+                "--pixel-shuffle-factor",
+                "4",
+                "--extra-tokens",
+                "legacy",
+            ]
+        )
+        == 0
+    )
     cfg_b, _ = read_checkpoint(tmp_path / "b")
-    assert (cfg_b.n_image_tokens, cfg_b.extra_token_amount, cfg_b.max_img_size, cfg_b.resize_to_max_side_len) == (1, 1, 32, False)
+    assert (cfg_b.n_image_tokens, cfg_b.extra_token_amount, cfg_b.max_img_size, cfg_b.resize_to_max_side_len) == (
+        1,
+        1,
+        32,
+        False,
+    )
     before = (tmp_path / "a" / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="not empty"):
         build_from_hf(vdir, ldir, tmp_path / "a", **SETTINGS)

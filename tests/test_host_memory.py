@@ -15,8 +15,10 @@ import pytest
 from jaxvlm import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_thp = pytest.mark.skipif(not host_memory.huge_pages_possible(),
-                               reason="needs glibc >= 2.35 and transparent huge pages in madvise/always mode")
+needs_thp = pytest.mark.skipif(
+    not host_memory.huge_pages_possible(),
+    reason="needs glibc >= 2.35 and transparent huge pages in madvise/always mode",
+)
 
 SCRATCH_CHILD = r"""
 import json, resource
@@ -66,8 +68,10 @@ def test_scratch_buffer_faults_in_huge_pages():
 
 @needs_thp
 def test_reexec_sets_the_tunable_once_and_keeps_others():
-    code = ("import os; from jaxvlm.host_memory import reexec_with_huge_pages; reexec_with_huge_pages(); "
-            "print(os.environ['GLIBC_TUNABLES'])")
+    code = (
+        "import os; from jaxvlm.host_memory import reexec_with_huge_pages; reexec_with_huge_pages(); "
+        "print(os.environ['GLIBC_TUNABLES'])"
+    )
     env = {**_clean_env(), "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
     assert _run(code, env).split() == ["glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"]
     # Opted out: the process is not replaced and the environment is untouched.
@@ -81,7 +85,7 @@ def test_with_huge_pages_replaces_an_existing_hugetlb_setting():
 
 
 def test_bench_part_environments(monkeypatch):
-    from jaxvlm.bench import part_environment
+    from cli.bench import part_environment
 
     monkeypatch.setenv("GLIBC_TUNABLES", host_memory.TUNABLE)  # as in a re-executed parent
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")

@@ -19,7 +19,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO = SHARED / "data" / "coco-mini" / "images"
 LANDSCAPE = COCO / "000000000790.jpg"  # 640 wide x 422 high
 
-needs_coco = pytest.mark.skipif(not LANDSCAPE.is_file(), reason=f"real COCO images not found at {COCO} (the shared data directory beside the repo)")
+needs_coco = pytest.mark.skipif(
+    not LANDSCAPE.is_file(), reason=f"real COCO images not found at {COCO} (the shared data directory beside the repo)"
+)
 
 
 def _portrait() -> Path:
@@ -93,13 +95,24 @@ def test_portrait_grid_and_processor_from_config():
 def test_global_view_is_antialiased_bilinear_of_the_float_image():
     proc = ImageProcessor(16, 64, True)
     tiles, _ = proc(LANDSCAPE)
-    resized = np.asarray(Image.open(LANDSCAPE).convert("RGB").resize((64, 48), Image.Resampling.BICUBIC), np.float32) / 255.0
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(resized[..., c]), "F").resize((16, 16), Image.Resampling.BILINEAR))
-             for c in range(3)]
+    resized = (
+        np.asarray(Image.open(LANDSCAPE).convert("RGB").resize((64, 48), Image.Resampling.BICUBIC), np.float32) / 255.0
+    )
+    chans = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(resized[..., c]), "F").resize((16, 16), Image.Resampling.BILINEAR)
+        )
+        for c in range(3)
+    ]
     np.testing.assert_allclose(tiles[0], np.stack(chans), atol=0, rtol=0)
     torch = pytest.importorskip("torch")  # upstream: torchvision resize(tensor) = interpolate(bilinear, antialias)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(resized.transpose(2, 0, 1).copy())[None], size=[16, 16],
-                                          mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(resized.transpose(2, 0, 1).copy())[None],
+        size=[16, 16],
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )[0].numpy()
     err = float(np.abs(tiles[0] - ref).max())
     assert err <= 1e-6, f"global view vs torch antialiased bilinear: max|diff| {err:.2e}"
 
@@ -123,7 +136,9 @@ def test_one_tile_grid_has_no_global_view_and_small_image_upscales():
 
 @needs_coco
 def test_without_splitting_resizes_to_one_square_tile():
-    proc = ImageProcessor.from_config(VLMConfig.nanovlm_222m(vit_img_size=32, mp_image_token_length=1, vit_patch_size=16))
+    proc = ImageProcessor.from_config(
+        VLMConfig.nanovlm_222m(vit_img_size=32, mp_image_token_length=1, vit_patch_size=16)
+    )
     assert not proc.splitting and proc.max_tiles == 1
     tiles, grid = proc(LANDSCAPE)
     assert grid == (1, 1) and tiles.shape == (1, 3, 32, 32)
@@ -233,7 +248,11 @@ def test_decompression_bomb_limits():
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     # A PNG header claiming 100000 x 100000 pixels: PIL itself refuses it at open time.
-    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(ValueError, match="decompression bomb"):
         load_image(header, max_pixels=None)
     with pytest.raises(ValueError, match="decompression bomb"):
@@ -249,14 +268,26 @@ def test_image_string_single_tile():
 def test_image_string_grid_in_row_major_order():
     s = image_string([(2, 2)], 2, dict(DEFAULT_EXTRA_TOKENS))
     im = "<|image|>" * 2
-    assert s == ("<|global_image|>" + im + "<row_1_col_1>" + im + "<row_1_col_2>" + im
-                 + "<row_2_col_1>" + im + "<row_2_col_2>" + im)
+    assert s == (
+        "<|global_image|>"
+        + im
+        + "<row_1_col_1>"
+        + im
+        + "<row_1_col_2>"
+        + im
+        + "<row_2_col_1>"
+        + im
+        + "<row_2_col_2>"
+        + im
+    )
 
 
 def test_image_string_several_images_are_numbered_from_zero():
     s = image_string([(1, 2), (1, 1)], 1, DEFAULT_EXTRA_TOKENS)
-    assert s == ("<image: 0><|global_image|><|image|><row_1_col_1><|image|><row_1_col_2><|image|>"
-                 "<image: 1><|global_image|><|image|>")
+    assert s == (
+        "<image: 0><|global_image|><|image|><row_1_col_1><|image|><row_1_col_2><|image|>"
+        "<image: 1><|global_image|><|image|>"
+    )
     assert ImageProcessor.image_string([(1, 1)], 1, DEFAULT_EXTRA_TOKENS) == "<|global_image|><|image|>"
 
 

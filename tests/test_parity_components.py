@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as nr
 import pytest
 import torch
+from conftest import SEEDS, assert_close, copy_torch_to_nnx, randomize_torch_, tiny_cfg, to_np
 from flax import nnx
 
 import jaxvlm.language_model as jlm
@@ -21,10 +23,7 @@ import jaxvlm.vision_transformer as jvt
 import torch_ref.language_model as tlm
 import torch_ref.modality_projector as tmp
 import torch_ref.vision_transformer as tvt
-from jaxvlm.layers import ModelDtypes
-
-import numpy_reference as nr
-from conftest import SEEDS, assert_close, copy_torch_to_nnx, randomize_torch_, tiny_cfg, to_np
+from jaxvlm.options import ModelOptions
 
 TOL = 1e-5  # relative to max|reference|, fp32
 
@@ -38,7 +37,7 @@ def _pair(tcls, jcls, cfg, seed, prefix, *, j_dtypes=True):
     """The same component in both frameworks, random torch weights copied into the NNX one."""
     torch.manual_seed(seed)
     t = randomize_torch_(tcls(cfg), seed)
-    j = jcls(cfg, ModelDtypes(), rngs=nnx.Rngs(seed)) if j_dtypes else jcls(cfg)
+    j = jcls(cfg, ModelOptions(), rngs=nnx.Rngs(seed)) if j_dtypes else jcls(cfg)
     copy_torch_to_nnx(t, j, cfg=cfg, prefix=prefix)
     return t, j
 
@@ -62,7 +61,9 @@ def test_patch_embedding(seed):
         out_t = t(torch.from_numpy(images))
     sd = _sd64(t, "vision_encoder.patch_embedding")
     p = "vision_encoder.patch_embedding"
-    want = nr.patch_embedding(images.astype(np.float64), sd[f"{p}.conv.weight"], sd[f"{p}.conv.bias"], sd[f"{p}.position_embedding"])
+    want = nr.patch_embedding(
+        images.astype(np.float64), sd[f"{p}.conv.weight"], sd[f"{p}.conv.bias"], sd[f"{p}.position_embedding"]
+    )
     assert_close(f"patch_embedding[seed={seed}] torch_ref vs oracle", out_t, want, TOL)
     assert_close(f"patch_embedding[seed={seed}] jaxvlm vs torch_ref", j(jnp.asarray(images)), out_t, TOL)
 
@@ -74,7 +75,7 @@ def test_layer_norm(seed):
     cfg = tiny_cfg()
     torch.manual_seed(seed)
     t = randomize_torch_(torch.nn.LayerNorm(cfg.vit_hidden_dim, eps=cfg.vit_ln_eps), seed)
-    j = jvt.layer_norm(cfg, ModelDtypes(), nnx.Rngs(seed))
+    j = jvt.layer_norm(cfg, ModelOptions(), nnx.Rngs(seed))
     copy_torch_to_nnx(t, j, cfg=cfg, prefix="vision_encoder.layer_norm")
     rng = np.random.default_rng(seed)
     spread = np.array([1.0, 1.0, 1e-3, 3e-4, 10.0])[:, None]
@@ -82,7 +83,9 @@ def test_layer_norm(seed):
     x = (rng.standard_normal((5, cfg.vit_hidden_dim)) * spread + offset).astype(np.float32)
     with torch.no_grad():
         out_t = t(torch.from_numpy(x))
-    want = nr.layer_norm(x.astype(np.float64), to_np(t.weight).astype(np.float64), to_np(t.bias).astype(np.float64), cfg.vit_ln_eps)
+    want = nr.layer_norm(
+        x.astype(np.float64), to_np(t.weight).astype(np.float64), to_np(t.bias).astype(np.float64), cfg.vit_ln_eps
+    )
     assert_close(f"layer_norm[seed={seed}] torch_ref vs oracle", out_t, want, TOL)
     assert_close(f"layer_norm[seed={seed}] jaxvlm vs torch_ref", j(jnp.asarray(x)), out_t, TOL)
 
@@ -120,7 +123,9 @@ def test_pixel_shuffle_exact(side, s, D):
     got_j = np.asarray(jmp.pixel_shuffle(jnp.asarray(x), s))
     assert got_t.shape == got_j.shape == (2, (side // s) ** 2, s * s * D)
     n_t, n_j = int((got_t != want).sum()), int((got_j != want).sum())
-    print(f"pixel_shuffle[side={side},s={s},D={D}]: elements differing torch_ref/jaxvlm vs oracle {n_t}/{n_j} (tol 0, exact)")
+    print(
+        f"pixel_shuffle[side={side},s={s},D={D}]: elements differing torch_ref/jaxvlm vs oracle {n_t}/{n_j} (tol 0, exact)"
+    )
     assert np.array_equal(got_t, want), f"pixel_shuffle torch_ref: {n_t} elements differ from the spec (tol: exact)"
     assert np.array_equal(got_j, want), f"pixel_shuffle jaxvlm: {n_j} elements differ from the spec (tol: exact)"
     # The permute order matters: the naive (0, 1, 2, 3, 4, 5) order gives a different layout.
@@ -129,8 +134,12 @@ def test_pixel_shuffle_exact(side, s, D):
 
 
 def test_pixel_shuffle_rejects_bad_grid():
-    for fn, arr in ((tmp.pixel_shuffle, torch.zeros(1, 15, 4)), (jmp.pixel_shuffle, jnp.zeros((1, 15, 4))),
-                    (tmp.pixel_shuffle, torch.zeros(1, 36, 4)), (jmp.pixel_shuffle, jnp.zeros((1, 36, 4)))):
+    for fn, arr in (
+        (tmp.pixel_shuffle, torch.zeros(1, 15, 4)),
+        (jmp.pixel_shuffle, jnp.zeros((1, 15, 4))),
+        (tmp.pixel_shuffle, torch.zeros(1, 36, 4)),
+        (jmp.pixel_shuffle, jnp.zeros((1, 36, 4))),
+    ):
         with pytest.raises(ValueError, match="pixel shuffle"):
             fn(arr, 4)
 
@@ -143,7 +152,12 @@ def test_projector(seed):
     with torch.no_grad():
         out_t = t(torch.from_numpy(x))
     assert out_t.shape == (3, cfg.n_image_tokens, cfg.lm_hidden_dim)
-    assert_close(f"projector[seed={seed}] torch_ref vs oracle", out_t, nr.projector(x.astype(np.float64), _sd64(t, "MP"), cfg), TOL)
+    assert_close(
+        f"projector[seed={seed}] torch_ref vs oracle",
+        out_t,
+        nr.projector(x.astype(np.float64), _sd64(t, "MP"), cfg),
+        TOL,
+    )
     assert_close(f"projector[seed={seed}] jaxvlm vs torch_ref", j(jnp.asarray(x)), out_t, TOL)
 
 
@@ -154,7 +168,9 @@ def test_rmsnorm(seed):
     t, j = _pair(tlm.RMSNorm, jlm.RMSNorm, cfg, seed, "decoder.norm", j_dtypes=False)
     rng = np.random.default_rng(seed)
     # rows of very different scales, one almost zero (eps matters there)
-    x = (rng.standard_normal((2, 7, cfg.lm_hidden_dim)) * np.array([1e-3, 0.1, 1, 3, 10, 100, 1e3])[None, :, None]).astype(np.float32)
+    x = (
+        rng.standard_normal((2, 7, cfg.lm_hidden_dim)) * np.array([1e-3, 0.1, 1, 3, 10, 100, 1e3])[None, :, None]
+    ).astype(np.float32)
     with torch.no_grad():
         out_t = t(torch.from_numpy(x))
     want = nr.rms_norm(x.astype(np.float64), to_np(t.weight).astype(np.float64), cfg.lm_rms_eps)
@@ -165,10 +181,18 @@ def test_rmsnorm(seed):
 def test_rope_inv_freq_matches_spec():
     for cfg in (tiny_cfg(), tiny_cfg(lm_re_base=10000, lm_hidden_dim=96, lm_n_heads=3, lm_n_kv_heads=3)):
         want = nr.rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base)
-        assert_close(f"rope inv_freq[hd={cfg.lm_head_dim},base={cfg.lm_re_base}] torch_ref buffer vs spec",
-                      tlm.RotaryEmbedding(cfg).inv_freq, want, 1e-6)
-        assert_close(f"rope inv_freq[hd={cfg.lm_head_dim},base={cfg.lm_re_base}] jaxvlm buffer vs spec",
-                      jlm.RotaryEmbedding(cfg).inv_freq[...], want, 1e-6)
+        assert_close(
+            f"rope inv_freq[hd={cfg.lm_head_dim},base={cfg.lm_re_base}] torch_ref buffer vs spec",
+            tlm.RotaryEmbedding(cfg).inv_freq,
+            want,
+            1e-6,
+        )
+        assert_close(
+            f"rope inv_freq[hd={cfg.lm_head_dim},base={cfg.lm_re_base}] jaxvlm buffer vs spec",
+            jlm.RotaryEmbedding(cfg).inv_freq[...],
+            want,
+            1e-6,
+        )
 
 
 # (start position, T) with lm_max_position_embeddings = 16: below, at and past the limit.
@@ -182,7 +206,9 @@ def test_rope(start, T, perturb):
     t = tlm.RotaryEmbedding(cfg)
     if perturb:  # the buffer is part of the checkpoint: jaxvlm must use the loaded one
         with torch.no_grad():
-            t.inv_freq.mul_(torch.from_numpy(np.random.default_rng(T).uniform(0.5, 1.5, t.inv_freq.shape).astype(np.float32)))
+            t.inv_freq.mul_(
+                torch.from_numpy(np.random.default_rng(T).uniform(0.5, 1.5, t.inv_freq.shape).astype(np.float32))
+            )
     j = jlm.RotaryEmbedding(cfg)
     copy_torch_to_nnx(t, j, cfg=cfg, prefix="decoder.rotary_embd")
     B = 2
@@ -222,7 +248,13 @@ GQA_CASES = [(s, 2) for s in SEEDS] + [(0, 1), (0, 4)]
 @pytest.mark.parametrize("seed,n_kv", GQA_CASES)
 def test_gqa_attention(seed, n_kv):
     cfg = tiny_cfg(lm_n_kv_heads=n_kv)
-    t, j = _pair(tlm.LanguageModelGroupedQueryAttention, jlm.LanguageModelGroupedQueryAttention, cfg, seed, "decoder.blocks.0.attn")
+    t, j = _pair(
+        tlm.LanguageModelGroupedQueryAttention,
+        jlm.LanguageModelGroupedQueryAttention,
+        cfg,
+        seed,
+        "decoder.blocks.0.attn",
+    )
     x, mask, cos, sin = _decoder_inputs(cfg, seed)
     sd = _sd64(t, "a")
     cos_n, sin_n = to_np(cos).astype(np.float64), to_np(sin).astype(np.float64)
@@ -231,8 +263,15 @@ def test_gqa_attention(seed, n_kv):
         with torch.no_grad():
             out_t, _ = t(torch.from_numpy(x), cos, sin, None if m is None else torch.from_numpy(m))
         name = f"gqa_attention[seed={seed},kv={n_kv},{'left-padded' if masked else 'no mask'}]"
-        assert_close(f"{name} torch_ref vs oracle", out_t, nr.gqa_attention(x.astype(np.float64), sd, "a", cfg, cos_n, sin_n, m), TOL)
-        out_j = j(jnp.asarray(x), jnp.asarray(to_np(cos)), jnp.asarray(to_np(sin)), None if m is None else jnp.asarray(m))
+        assert_close(
+            f"{name} torch_ref vs oracle",
+            out_t,
+            nr.gqa_attention(x.astype(np.float64), sd, "a", cfg, cos_n, sin_n, m),
+            TOL,
+        )
+        out_j = j(
+            jnp.asarray(x), jnp.asarray(to_np(cos)), jnp.asarray(to_np(sin)), None if m is None else jnp.asarray(m)
+        )
         assert_close(f"{name} jaxvlm vs torch_ref (all positions, padded ones included)", out_j, out_t, TOL)
 
 
@@ -243,7 +282,15 @@ def test_decoder_block(seed):
     x, mask, cos, sin = _decoder_inputs(cfg, seed)
     with torch.no_grad():
         out_t, _ = t(torch.from_numpy(x), cos, sin, torch.from_numpy(mask))
-    want = nr.decoder_block(x.astype(np.float64), _sd64(t, "b"), "b", cfg, to_np(cos).astype(np.float64), to_np(sin).astype(np.float64), mask)
+    want = nr.decoder_block(
+        x.astype(np.float64),
+        _sd64(t, "b"),
+        "b",
+        cfg,
+        to_np(cos).astype(np.float64),
+        to_np(sin).astype(np.float64),
+        mask,
+    )
     assert_close(f"decoder_block[seed={seed}] torch_ref vs oracle", out_t, want, TOL)
     out_j = j(jnp.asarray(x), jnp.asarray(to_np(cos)), jnp.asarray(to_np(sin)), jnp.asarray(mask))
     assert_close(f"decoder_block[seed={seed}] jaxvlm vs torch_ref", out_j, out_t, TOL)

@@ -15,12 +15,22 @@ All positions are compared, padded ones included.
 from __future__ import annotations
 
 import numpy as np
+import numpy_reference as nr
 import pytest
 import torch
+from conftest import (
+    SEEDS,
+    assert_close,
+    checkpoint_arrays,
+    make_batch,
+    random_torch_vlm,
+    record,
+    state_arrays_f64,
+    tiny_cfg,
+    to_np,
+)
 
 import jaxvlm
-import numpy_reference as nr
-from conftest import SEEDS, assert_close, checkpoint_arrays, make_batch, random_torch_vlm, record, state_arrays_f64, tiny_cfg, to_np
 from conversion import VLMConfig
 
 JAX_TOL = 1e-4  # jaxvlm vs torch_ref, relative to max|logits|
@@ -59,12 +69,17 @@ def _kl_and_top1(name, ref, got, mask):
     srt = np.sort(ref, axis=-1)
     gap = srt[..., -1] - srt[..., -2]
     max_diff = float(np.abs(ref - got).max())
-    record(name, f"KL max {kl.max():.2e} / mean {kl[real].mean():.2e} nats (tol {KL_TOL:.0e}); top-1 agreement "
-                 f"{agree[real].mean():.4f} on {real.sum()} real positions, {agree.mean():.4f} on all {agree.size}")
+    record(
+        name,
+        f"KL max {kl.max():.2e} / mean {kl[real].mean():.2e} nats (tol {KL_TOL:.0e}); top-1 agreement "
+        f"{agree[real].mean():.4f} on {real.sum()} real positions, {agree.mean():.4f} on all {agree.size}",
+    )
     assert np.isfinite(kl).all()
     assert kl.max() <= KL_TOL, f"{name}: KL max {kl.max():.2e} (tol {KL_TOL:.0e})"
     bad = ~agree & (gap > max_diff)
-    assert not bad.any(), f"{name}: top-1 differs at {np.argwhere(bad)[:5].tolist()} where the top-2 gap exceeds max|diff| {max_diff:.2e}"
+    assert not bad.any(), (
+        f"{name}: top-1 differs at {np.argwhere(bad)[:5].tolist()} where the top-2 gap exceeds max|diff| {max_diff:.2e}"
+    )
 
 
 def _check_no_nan(name, logits):
@@ -82,7 +97,9 @@ def test_mixed_batch(seed, tmp_path):
     ids, images, mask = make_batch(cfg, [(0, 3), (17, 1), (5, 0), (T - 1, 0)], T, seed)
     ref = _torch_logits(tmodel, ids, images, mask)
     _check_no_nan("torch_ref", ref)
-    oracle = nr.vlm_logits(state_arrays_f64(tmodel), cfg, ids, None if images is None else images.astype(np.float64), mask)
+    oracle = nr.vlm_logits(
+        state_arrays_f64(tmodel), cfg, ids, None if images is None else images.astype(np.float64), mask
+    )
     assert_close(f"model mixed batch[seed={seed}] torch_ref vs oracle", ref, oracle, ORACLE_TOL)
     eager = np.asarray(jmodel(ids, images, mask))
     jitted = np.asarray(jaxvlm.forward(jmodel, ids, images, mask))
@@ -90,7 +107,9 @@ def test_mixed_batch(seed, tmp_path):
     assert_close(f"model mixed batch[seed={seed}] jaxvlm jit vs torch_ref", jitted, ref, JAX_TOL)
     assert_close(f"model mixed batch[seed={seed}] jaxvlm jit vs eager", jitted, eager, JIT_TOL)
     # the near-empty row, on its own scale (its logits are not dominated by the other rows')
-    assert_close(f"model mixed batch[seed={seed}] almost-all-padding row jaxvlm vs torch_ref", eager[3], ref[3], JAX_TOL)
+    assert_close(
+        f"model mixed batch[seed={seed}] almost-all-padding row jaxvlm vs torch_ref", eager[3], ref[3], JAX_TOL
+    )
 
 
 def test_no_images(tmp_path):
@@ -106,10 +125,19 @@ def test_no_images(tmp_path):
     assert_close("model no images jaxvlm jit vs torch_ref", jaxvlm.forward(jmodel, ids, None, mask), ref, JAX_TOL)
     # no attention mask at all (upstream's generate prefill): plain causal attention
     ref_nomask = _torch_logits(tmodel, ids[:1], None, None)
-    assert_close("model no images, no mask jaxvlm jit vs torch_ref", jaxvlm.forward(jmodel, ids[:1], None, None), ref_nomask, JAX_TOL)
+    assert_close(
+        "model no images, no mask jaxvlm jit vs torch_ref",
+        jaxvlm.forward(jmodel, ids[:1], None, None),
+        ref_nomask,
+        JAX_TOL,
+    )
     # left padding must not change a row's real positions beyond rounding (RoPE is relative)
-    assert_close("model no images: padded row vs the same tokens unpadded (torch_ref)",
-                 ref[1, 11:], _torch_logits(tmodel, ids[1:2, 11:], None, mask[1:2, 11:])[0], ORACLE_TOL)
+    assert_close(
+        "model no images: padded row vs the same tokens unpadded (torch_ref)",
+        ref[1, 11:],
+        _torch_logits(tmodel, ids[1:2, 11:], None, mask[1:2, 11:])[0],
+        ORACLE_TOL,
+    )
 
 
 # ---- long prompts (>= 512 tokens), with and without the RoPE rescale branch --------------------
@@ -143,7 +171,7 @@ def test_image_token_count_mismatch(tmp_path):
 # ---- the released 222M shapes, once -----------------------------------------------------------
 @pytest.mark.slow
 def test_nanovlm_222m_logits():
-    from jaxvlm.checkpoint import model_from_torch_tensors
+    from jaxvlm.pretrained import model_from_torch_tensors
 
     cfg = VLMConfig.nanovlm_222m()
     tmodel = random_torch_vlm(cfg, 0)

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import record
+from flax import nnx
 
 from conversion import VLMConfig
 from jaxvlm import sharding
@@ -64,8 +63,12 @@ def test_mesh_config_sizes():
     assert MeshConfig(data=2).sizes(8) == (2, 4, 1)
     assert MeshConfig(data=2, fsdp=2, tensor=2).sizes(8) == (2, 2, 2)
     assert MeshConfig(data=-1, fsdp=1).sizes(8) == (8, 1, 1)
-    for bad in (MeshConfig(data=3), MeshConfig(data=2, fsdp=2, tensor=1), MeshConfig(data=-1, fsdp=-1),
-                MeshConfig(tensor=0)):
+    for bad in (
+        MeshConfig(data=3),
+        MeshConfig(data=2, fsdp=2, tensor=1),
+        MeshConfig(data=-1, fsdp=-1),
+        MeshConfig(tensor=0),
+    ):
         with pytest.raises(ValueError, match="mesh"):
             bad.sizes(8)
     mesh = sharding.make_mesh(MeshConfig())
@@ -112,7 +115,7 @@ def test_image_offsets_read_per_process_image_blocks():
     for rows in n_imgs:
         block = rng.integers(10, 50, (len(rows), T))
         for b, n in enumerate(rows):
-            block[b, 1:1 + n * L] = img_id
+            block[b, 1 : 1 + n * L] = img_id
         ids.append(block)
         real_images.append(rng.normal(size=(sum(rows), L, H)).astype(np.float32))
     n_max = 3  # each process pads its images to 3
@@ -121,15 +124,21 @@ def test_image_offsets_read_per_process_image_blocks():
     offsets = np.concatenate([image_offsets(block, img_id, L, first=p * n_max) for p, block in enumerate(ids)])
     np.testing.assert_array_equal(offsets, [0, 1, 1, 3, 3, 4])
     token_embd = jnp.asarray(rng.normal(size=(6, T, H)).astype(np.float32))
-    got = merge_image_embeddings(jnp.asarray(global_ids), token_embd, jnp.asarray(np.concatenate(padded)), img_id,
-                                 jnp.asarray(offsets))
+    got = merge_image_embeddings(
+        jnp.asarray(global_ids), token_embd, jnp.asarray(np.concatenate(padded)), img_id, jnp.asarray(offsets)
+    )
     want = merge_image_embeddings(jnp.asarray(global_ids), token_embd, jnp.asarray(np.concatenate(real_images)), img_id)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not np.any(np.asarray(got) == 99.0), "a padding image was read"
     one = image_offsets(global_ids, img_id, L)  # one process: offsets give the default order
-    np.testing.assert_array_equal(np.asarray(merge_image_embeddings(
-        jnp.asarray(global_ids), token_embd, jnp.asarray(np.concatenate(real_images)), img_id, jnp.asarray(one))),
-        np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(
+            merge_image_embeddings(
+                jnp.asarray(global_ids), token_embd, jnp.asarray(np.concatenate(real_images)), img_id, jnp.asarray(one)
+            )
+        ),
+        np.asarray(want),
+    )
 
 
 def test_distributed_settings(monkeypatch):
@@ -152,8 +161,14 @@ def test_distributed_settings(monkeypatch):
 def meshes(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("mesh_ckpt")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(WORKER), "meshes", str(ckpt)], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "meshes", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -163,8 +178,10 @@ def test_meshes_train_like_one_device(meshes):
     ref = meshes["reference"]["losses"]
     for name, run in meshes["meshes"].items():
         loss_err = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref))
-        record(f"mesh {name} vs 1 device, 3 steps",
-               f"losses {loss_err:.1e} relative; worst parameter {run['worst']} {run['param_error']:.1e} (tol {TOL:.0e})")
+        record(
+            f"mesh {name} vs 1 device, 3 steps",
+            f"losses {loss_err:.1e} relative; worst parameter {run['worst']} {run['param_error']:.1e} (tol {TOL:.0e})",
+        )
         assert loss_err <= TOL, f"{name}: losses {run['losses']} vs {ref} ({loss_err:.2e} relative)"
         assert run["param_error"] <= TOL, f"{name}: {run['worst']} differs by {run['param_error']:.2e} relative"
         assert run["compiles"] == 1
@@ -199,8 +216,11 @@ def test_checkpoint_restores_onto_another_mesh(meshes):
     assert r["restored_exact"], "the restored parameters differ from the saved ones"
     assert r["specs"] == meshes["meshes"]["8x1x1"]["specs"], "not restored with the 8x1x1 shardings"
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], r["original_losses"]))
-    record("checkpoint 2x4x1 -> 8x1x1, step 3", f"loss {loss_err:.1e} relative; parameters {r['param_error_vs_original']:.1e} "
-           f"vs continuing on 2x4x1 (tol {TOL:.0e})")
+    record(
+        "checkpoint 2x4x1 -> 8x1x1, step 3",
+        f"loss {loss_err:.1e} relative; parameters {r['param_error_vs_original']:.1e} "
+        f"vs continuing on 2x4x1 (tol {TOL:.0e})",
+    )
     assert loss_err <= TOL and r["param_error_vs_original"] <= TOL, r
     assert r["compiles_8x1x1"] == 1, "the restored state recompiled the 8x1x1 step"
 
@@ -215,16 +235,21 @@ def test_bf16_compute_on_a_mesh(meshes):
     assert r["dtypes"] == ["float32"] and r["gate_spec"] == "P('fsdp', 'tensor')"
     mesh_vs_1 = max(abs(a - b) / abs(b) for a, b in zip(r["losses_mesh"], r["losses_1"]))
     vs_fp32 = max(abs(a - b) / abs(b) for a, b in zip(r["losses_mesh"], r["fp32_losses"]))
-    record("bf16 compute on 2x2x2 vs 1 device, 2 steps", f"losses {mesh_vs_1:.1e} relative (tol 1e-3), vs fp32 "
-           f"{vs_fp32:.1e} (tol 2e-2); parameters after 2 Adam steps: worst {r['worst']} {r['param_error']:.1e}")
+    record(
+        "bf16 compute on 2x2x2 vs 1 device, 2 steps",
+        f"losses {mesh_vs_1:.1e} relative (tol 1e-3), vs fp32 "
+        f"{vs_fp32:.1e} (tol 2e-2); parameters after 2 Adam steps: worst {r['worst']} {r['param_error']:.1e}",
+    )
     assert mesh_vs_1 <= 1e-3 and vs_fp32 <= 2e-2, r
 
 
 def test_generate_on_a_sharded_model(meshes):
     g = meshes["generate"]
     assert g["weights_spec"] == "P('fsdp', 'tensor')" and g["embedding_spec"] == "P('tensor', 'fsdp')"
-    record("generate on a 2x2x2 mesh vs 1 device", f"tokens equal: {g['sharded_tokens'] == g['host_tokens']}; "
-           f"logits {g['logits_error']:.1e} x max|logits|")
+    record(
+        "generate on a 2x2x2 mesh vs 1 device",
+        f"tokens equal: {g['sharded_tokens'] == g['host_tokens']}; logits {g['logits_error']:.1e} x max|logits|",
+    )
     assert g["sharded_tokens"] == g["host_tokens"]
     assert g["logits_error"] <= TOL
 
@@ -240,17 +265,37 @@ def jaxvlm_train(args: list[str], *, processes: int = 1, devices: int = 1, env_v
     """Run `python -m jaxvlm train ARGS` as `processes` processes of `devices` CPU devices each
     (distributed settings as flags, or as JAX_* environment variables); raise with the logs on failure."""
     port = free_port()
-    base = {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()}
+    base = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip(),
+    }
     procs = []
     for pid in range(processes):
         env, extra = dict(base), []
         if processes > 1 and env_vars:
-            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))
+            env.update(
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid)
+            )
         elif processes > 1:
-            extra = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(pid)]
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxvlm", "--debug", "train", *args, *extra], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            extra = [
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(processes),
+                "--process-id",
+                str(pid),
+            ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "jaxvlm", "--debug", "train", *args, *extra],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = []
     try:
         for p in procs:
@@ -268,19 +313,35 @@ def test_two_processes_train_like_one(tmp_path):
     """4 steps of 4 rows on one process (one device) vs two processes of 2 rows each (2 devices
     each): steps 1-2 on a data=2 x fsdp=2 mesh, then --resume onto fsdp=4 (every process restores
     its shards of the checkpoint with the new mesh's shardings)."""
-    from conversion import read_checkpoint
     from multidevice_worker import randomize
+
+    from conversion import read_checkpoint
 
     init = tmp_path / "init"  # randomised weights (house rule 7), as a nanoVLM directory
     randomize(VisionLanguageModel(VLMConfig.tiny(), rngs=nnx.Rngs(0)), 0).save_pretrained(init)
-    common = ["--init-from", str(init), "--tokenizer", str(TOKENIZER), "--steps", "4", "--synthetic-size", "64",
-              "--log-every", "1", "--save-every", "100", "--seed", "3"]
+    common = [
+        "--init-from",
+        str(init),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--steps",
+        "4",
+        "--synthetic-size",
+        "64",
+        "--log-every",
+        "1",
+        "--save-every",
+        "100",
+        "--seed",
+        "3",
+    ]
     jaxvlm_train([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
     two = ["--output-dir", str(tmp_path / "two"), "--batch-size", "2"]
     jaxvlm_train([*common, *two, "--stop-after", "2", "--mesh-data", "2", "--mesh-fsdp", "2"], processes=2, devices=2)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
-    jaxvlm_train([*common, *two, "--resume", "--mesh-data", "1", "--mesh-fsdp", "4"], processes=2, devices=2,
-                 env_vars=True)
+    jaxvlm_train(
+        [*common, *two, "--resume", "--mesh-data", "1", "--mesh-fsdp", "4"], processes=2, devices=2, env_vars=True
+    )
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -295,7 +356,9 @@ def test_two_processes_train_like_one(tmp_path):
     _, w2 = read_checkpoint(tmp_path / "two" / "model")
     errors = {k: float(np.linalg.norm(w2[k] - w1[k]) / np.linalg.norm(w1[k])) for k in w1}
     worst = max(errors, key=errors.get)
-    record("2 processes x 2 devices vs 1 process, 4 steps", f"losses {loss_err:.1e} relative; worst parameter {worst} "
-           f"{errors[worst]:.1e} (tol {TOL:.0e})")
+    record(
+        "2 processes x 2 devices vs 1 process, 4 steps",
+        f"losses {loss_err:.1e} relative; worst parameter {worst} {errors[worst]:.1e} (tol {TOL:.0e})",
+    )
     assert loss_err <= TOL, f"losses {loss_2} vs {loss_1}"
     assert errors[worst] <= TOL, f"{worst} differs by {errors[worst]:.2e} relative"

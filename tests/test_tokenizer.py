@@ -14,8 +14,10 @@ from jaxvlm.tokenizer import Tokenizer, from_config, load_tokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOLLM2 = SHARED / "data" / "smollm2"
 
-pytestmark = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
-                                reason=f"real SmolLM2 tokenizer not found at {SMOLLM2} (the shared data directory beside the repo)")
+pytestmark = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file(),
+    reason=f"real SmolLM2 tokenizer not found at {SMOLLM2} (the shared data directory beside the repo)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +55,17 @@ def test_reference_chat_example(tok):
 
 
 def test_chat_template_multi_turn_and_roles(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n")
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+    )
     assert tok.apply_chat_template(messages) == tok.encode(text)
     assert tok.assistant_prefix_ids == [1, 520, 9531, 198]
     with pytest.raises(ValueError, match="role"):
@@ -101,7 +109,7 @@ def test_legacy_and_custom_extra_tokens():
     none = load_tokenizer(SMOLLM2, extra_tokens={})
     assert none.vocab_size == 49152
     with pytest.raises(ValueError, match="image_token"):
-        none.image_token_id
+        _ = none.image_token_id
     custom = load_tokenizer(SMOLLM2, extra_tokens=[("image_token", "<img>"), ("other", "<other>")])
     assert custom.extra_token_ids == {"image_token": 49152, "other": 49153}
 

@@ -15,20 +15,23 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
-
 from conftest import assert_close, make_batch, random_torch_vlm, record, tiny_cfg
+from flax import nnx
 
 import jaxvlm
 from conversion import OptimConfig, jax_to_torch
-from jaxvlm.checkpoint import flat_state
+from conversion.recipe import upstream_lr as recipe_upstream_lr
+from jaxvlm.options import ModelOptions
+from jaxvlm.pretrained import flat_state
 from jaxvlm.train import Trainer, label_positions, loss_fn, upstream_lr
-from torch_ref.train import make_optimizer, train_step, upstream_lr as torch_upstream_lr
+from torch_ref.train import make_optimizer, train_step
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER = SHARED / "data" / "smollm2"
-needs_tokenizer = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").is_file(),
-                                     reason=f"the real SmolLM2 tokenizer is not at {TOKENIZER} (../shared is absent)")
+needs_tokenizer = pytest.mark.skipif(
+    not (TOKENIZER / "tokenizer.json").is_file(),
+    reason=f"the real SmolLM2 tokenizer is not at {TOKENIZER} (../shared is absent)",
+)
 
 
 @pytest.fixture
@@ -43,9 +46,13 @@ def micro_batch(cfg, seed, T=48):
     labels = np.full(ids.shape, -100, np.int64)
     for b in range(ids.shape[0]):
         n = int(rng.integers(3, 9))
-        labels[b, T - n - 1:T - 1] = ids[b, T - n:]  # shifted: label t = next token
-    return {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-            "labels": labels.astype(np.int32), "images": images}
+        labels[b, T - n - 1 : T - 1] = ids[b, T - n :]  # shifted: label t = next token
+    return {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
+        "labels": labels.astype(np.int32),
+        "images": images,
+    }
 
 
 def to_torch(mb):
@@ -56,14 +63,16 @@ def test_schedules_agree():
     for max_steps in (5, 100, 1000):
         for lr in (5e-5, 5.12e-3):
             for step in range(0, max_steps + 3, max(1, max_steps // 50)):
-                want = torch_upstream_lr(step, lr, max_steps)
+                want = recipe_upstream_lr(step, lr, max_steps)
                 got = float(upstream_lr(step, lr, max_steps))
                 assert abs(got - want) <= 1e-6 * lr, f"lr at step {step}/{max_steps}: {got} != {want}"
 
 
 def test_label_positions_give_the_full_loss(cfg):
     tmodel = random_torch_vlm(cfg, 0)
-    model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, {k: v.detach().numpy() for k, v in tmodel.checkpoint_state().items()})
+    model = jaxvlm.pretrained.model_from_torch_tensors(
+        cfg, {k: v.detach().numpy() for k, v in tmodel.checkpoint_state().items()}
+    )
     mb = micro_batch(cfg, 0)
     full = float(loss_fn(model, mb))
     pos = label_positions(mb["labels"])
@@ -79,7 +88,9 @@ def test_five_steps_match_torch_ref(cfg, accum):
     tmodel = random_torch_vlm(cfg, 1).train()
     t64 = copy.deepcopy(tmodel).double()  # float64 torch: how far each fp32 run is from exact
     opt64 = make_optimizer(t64, ocfg)
-    model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, {k: v.detach().numpy().copy() for k, v in tmodel.checkpoint_state().items()})
+    model = jaxvlm.pretrained.model_from_torch_tensors(
+        cfg, {k: v.detach().numpy().copy() for k, v in tmodel.checkpoint_state().items()}
+    )
     optimizer = make_optimizer(tmodel, ocfg)
     trainer = Trainer(model, ocfg)
     state = trainer.init_state(model)
@@ -87,24 +98,36 @@ def test_five_steps_match_torch_ref(cfg, accum):
     for step in range(5):
         mbs = [micro_batch(cfg, 10 * step + a) for a in range(accum)]
         t_metrics = train_step(tmodel, optimizer, [to_torch(mb) for mb in mbs], step, ocfg)
-        train_step(t64, opt64, [{k: v.double() if v.is_floating_point() else v for k, v in to_torch(mb).items()}
-                                for mb in mbs], step, ocfg)
+        train_step(
+            t64,
+            opt64,
+            [{k: v.double() if v.is_floating_point() else v for k, v in to_torch(mb).items()} for mb in mbs],
+            step,
+            ocfg,
+        )
         group = {k: np.stack([mb[k] for mb in mbs]) for k in mbs[0]}
         pos = label_positions(group["labels"].reshape(-1, group["labels"].shape[-1]))
         group["label_positions"] = pos.reshape(accum, -1, pos.shape[-1])
         state, j_metrics = trainer.step(state, group)
         rel = abs(float(j_metrics["loss"]) - t_metrics["loss"]) / abs(t_metrics["loss"])
         worst_loss = max(worst_loss, rel)
-        assert rel <= 1e-5, f"step {step}: loss {float(j_metrics['loss'])} vs torch {t_metrics['loss']} ({rel:.2e} relative)"
+        assert rel <= 1e-5, (
+            f"step {step}: loss {float(j_metrics['loss'])} vs torch {t_metrics['loss']} ({rel:.2e} relative)"
+        )
     want = {k: v.detach().numpy() for k, v in tmodel.checkpoint_state().items()}
     got = jax_to_torch(cfg, flat_state(trainer.model(state)))
     errors = {k: np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k]) for k in want}
     worst = max(errors, key=errors.get)
     exact = {k: v.detach().numpy() for k, v in t64.checkpoint_state().items()}
-    to_exact = {name: np.linalg.norm(w[worst] - exact[worst]) / np.linalg.norm(exact[worst])
-                for name, w in (("jaxvlm", got), ("torch_ref", want))}
-    record(f"train parity accum={accum}", f"losses {worst_loss:.2e} relative; worst parameter {worst} {errors[worst]:.2e} "
-           f"relative (tol 1e-5); vs float64 torch: jaxvlm {to_exact['jaxvlm']:.2e}, torch_ref fp32 {to_exact['torch_ref']:.2e}")
+    to_exact = {
+        name: np.linalg.norm(w[worst] - exact[worst]) / np.linalg.norm(exact[worst])
+        for name, w in (("jaxvlm", got), ("torch_ref", want))
+    }
+    record(
+        f"train parity accum={accum}",
+        f"losses {worst_loss:.2e} relative; worst parameter {worst} {errors[worst]:.2e} "
+        f"relative (tol 1e-5); vs float64 torch: jaxvlm {to_exact['jaxvlm']:.2e}, torch_ref fp32 {to_exact['torch_ref']:.2e}",
+    )
     assert errors[worst] <= 1e-5, f"after 5 steps {worst} differs by {errors[worst]:.2e} relative (tol 1e-5)"
     initial = random_torch_vlm(cfg, 1).checkpoint_state()
     for k in ("MP.proj.weight", "decoder.head.weight", "vision_encoder.blocks.0.mlp.fc1.weight"):
@@ -119,7 +142,9 @@ def test_frozen_groups_keep_no_state_and_do_not_move(cfg):
     state = trainer.init_state(model)
     assert all(p[0] != "vision_encoder" for p, _ in nnx.to_flat_state(state.params))
     opt_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
-    assert not any("vision_encoder" in jax.tree_util.keystr(p) for p, _ in opt_leaves), "frozen group has optimizer state"
+    assert not any("vision_encoder" in jax.tree_util.keystr(p) for p, _ in opt_leaves), (
+        "frozen group has optimizer state"
+    )
     group = {k: v[None] for k, v in micro_batch(cfg, 0).items()}
     state, _ = trainer.step(state, group)
     after = flat_state(trainer.model(state))
@@ -142,10 +167,20 @@ def test_one_compile_per_bucket(cfg):
 
 # ---- the run loop ---------------------------------------------------------------------------------
 def run_config(out, **kw):
-    from jaxvlm.training import RunConfig
+    from jaxvlm.train_loop import RunConfig
 
-    base = dict(output_dir=str(out), tokenizer=str(TOKENIZER), steps=6, batch_size=4, synthetic_size=64,
-                save_every=2, log_every=1, lr_language_backbone=1e-3, lr_vision_backbone=1e-3, seed=3)
+    base = dict(
+        output_dir=str(out),
+        tokenizer=str(TOKENIZER),
+        steps=6,
+        batch_size=4,
+        synthetic_size=64,
+        save_every=2,
+        log_every=1,
+        lr_language_backbone=1e-3,
+        lr_vision_backbone=1e-3,
+        seed=3,
+    )
     return RunConfig(**{**base, **kw})
 
 
@@ -155,9 +190,9 @@ def metrics(out):
 
 @needs_tokenizer
 def test_resume_is_exact(tmp_path):
-    from jaxvlm.training import train
+    from jaxvlm.train_loop import train
 
-    full = train(run_config(tmp_path / "full", grad_accum=2))
+    train(run_config(tmp_path / "full", grad_accum=2))
     part = train(run_config(tmp_path / "part", grad_accum=2, stop_after=3))
     assert part["steps"] == 3
     resumed = train(run_config(tmp_path / "part", grad_accum=2, resume=True))
@@ -175,7 +210,7 @@ def test_resume_is_exact(tmp_path):
 
 @needs_tokenizer
 def test_existing_checkpoints_need_resume(tmp_path):
-    from jaxvlm.training import train
+    from jaxvlm.train_loop import train
 
     train(run_config(tmp_path, steps=2, save_every=1))
     with pytest.raises(FileExistsError, match="--resume"):
@@ -191,23 +226,36 @@ def test_finetune_on_real_coco_jpegs_lowers_the_loss(tmp_path):
     """Fine-tune a checkpoint on real JPEGs with their captions as answers (the real tokenizer):
     the loss over the same fixed batches falls."""
     from conversion import read_checkpoint
-    from jaxvlm.checkpoint import model_from_torch_tensors
     from jaxvlm.data import DataLoader, SampleEncoder, coco_captions_dataset
     from jaxvlm.evaluation import mean_loss
+    from jaxvlm.pretrained import model_from_torch_tensors
     from jaxvlm.tokenizer import load_tokenizer
-    from jaxvlm.training import train
+    from jaxvlm.train_loop import train
 
     start = train(run_config(tmp_path / "init", steps=1, stop_after=0, save_every=10))  # a fresh tiny checkpoint
     assert start["steps"] == 0
-    run = train(run_config(tmp_path / "ft", init_from=str(tmp_path / "init" / "model"), data=f"coco:{COCO}", steps=12,
-                           batch_size=4, lr_mp=3e-3, lr_language_backbone=3e-3, lr_vision_backbone=1e-3, save_every=100))
+    run = train(
+        run_config(
+            tmp_path / "ft",
+            init_from=str(tmp_path / "init" / "model"),
+            data=f"coco:{COCO}",
+            steps=12,
+            batch_size=4,
+            lr_mp=3e-3,
+            lr_language_backbone=3e-3,
+            lr_vision_backbone=1e-3,
+            save_every=100,
+        )
+    )
     cfg, before = read_checkpoint(tmp_path / "init" / "model")
     _, after = read_checkpoint(tmp_path / "ft" / "model")
     tokenizer = load_tokenizer(TOKENIZER, extra_tokens=cfg.extra_tokens)
     dataset = coco_captions_dataset(COCO, SampleEncoder.from_config(cfg, tokenizer))
     assert len(dataset) >= 40 and dataset[0]["images"].shape[0] >= 1
-    losses = [mean_loss(model_from_torch_tensors(cfg, w), DataLoader(dataset, 4, shuffle=False, prefetch=0), max_batches=4)
-              for w in (before, after)]
+    losses = [
+        mean_loss(model_from_torch_tensors(cfg, w), DataLoader(dataset, 4, shuffle=False, prefetch=0), max_batches=4)
+        for w in (before, after)
+    ]
     record("coco fine-tune", f"loss on 16 real captions {losses[0]:.3f} -> {losses[1]:.3f} after 12 steps")
     assert losses[1] < 0.9 * losses[0], f"fine-tuning on COCO did not lower the loss: {losses}"
     assert run["compiles"] <= 4
@@ -218,8 +266,8 @@ def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(cfg):
     float32; the loss stays within 2% of the fp32 loss on the same weights and batch."""
     import jax.numpy as jnp
 
-    from jaxvlm.checkpoint import model_from_torch_tensors
-    from jaxvlm.layers import ModelDtypes
+    from jaxvlm.options import ModelOptions
+    from jaxvlm.pretrained import model_from_torch_tensors
 
     tensors = {k: v.detach().numpy() for k, v in random_torch_vlm(cfg, 4).checkpoint_state().items()}
     mb = micro_batch(cfg, 4)
@@ -227,12 +275,16 @@ def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(cfg):
     group["label_positions"] = label_positions(mb["labels"])[None]
     losses = {}
     for name, compute in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        model = model_from_torch_tensors(cfg, tensors, dtypes=ModelDtypes(param=jnp.float32, compute=compute))
+        model = model_from_torch_tensors(
+            cfg, tensors, options=ModelOptions(param_dtype=jnp.float32, compute_dtype=compute)
+        )
         trainer = Trainer(model, OptimConfig(max_training_steps=10))
         state, m = trainer.step(trainer.init_state(model), group)
         losses[name] = float(m["loss"])
         assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
-        assert {v.dtype for v in jax.tree.leaves(state.opt_state) if hasattr(v, "dtype") and v.ndim} == {jnp.dtype(jnp.float32)}
+        assert {v.dtype for v in jax.tree.leaves(state.opt_state) if hasattr(v, "dtype") and v.ndim} == {
+            jnp.dtype(jnp.float32)
+        }
     rel = abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
     record("bf16 compute vs fp32 loss", f"{losses['bf16']:.4f} vs {losses['fp32']:.4f} ({rel:.2e} relative, tol 2e-2)")
     assert losses["bf16"] != losses["fp32"], "bf16 compute had no effect"
@@ -250,16 +302,25 @@ def test_remat_gives_the_same_gradients(cfg):
     mb = micro_batch(cfg, 5)
     mb["label_positions"] = label_positions(mb["labels"])
     out = {}
-    for remat in (False, True):
-        model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, tensors)
-        model.vision_encoder.remat = model.decoder.remat = remat
+    for key, options in {
+        False: ModelOptions(),
+        True: ModelOptions(remat=True),
+        "dots_saveable": ModelOptions(remat=True, remat_policy="dots_saveable"),
+    }.items():
+        model = jaxvlm.pretrained.model_from_torch_tensors(cfg, tensors, options=options)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), mb)))(params)
-        out[remat] = (float(loss), {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(grads)})
+        out[key] = (float(loss), {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(grads)})
     assert_close("remat loss", np.float64(out[True][0]), np.float64(out[False][0]), 1e-6)
+    assert_close("remat dots_saveable loss", np.float64(out["dots_saveable"][0]), np.float64(out[False][0]), 1e-6)
+    for k, want in out[False][1].items():
+        assert_close(f"remat dots_saveable grad {k}", out["dots_saveable"][1][k], want, 1e-5)
     worst = max(assert_close(f"remat grad {k}", out[True][1][k], want, 1e-5) for k, want in out[False][1].items())
-    record("remat vs plain gradients", f"losses differ by {abs(out[True][0] - out[False][0]):.1e}; worst gradient "
-           f"{worst:.1e} relative (tol 1e-5) over {len(out[False][1])} tensors")
+    record(
+        "remat vs plain gradients",
+        f"losses differ by {abs(out[True][0] - out[False][0]):.1e}; worst gradient "
+        f"{worst:.1e} relative (tol 1e-5) over {len(out[False][1])} tensors",
+    )
 
 
 def test_bf16_compute_gradients_track_fp32(cfg):
@@ -270,14 +331,16 @@ def test_bf16_compute_gradients_track_fp32(cfg):
     gradient)."""
     import jax.numpy as jnp
 
-    from jaxvlm.layers import ModelDtypes
+    from jaxvlm.options import ModelOptions
 
     tensors = {k: v.detach().numpy() for k, v in random_torch_vlm(cfg, 6).checkpoint_state().items()}
     mb = micro_batch(cfg, 6)
     mb["label_positions"] = label_positions(mb["labels"])
     grads = {}
     for name, compute in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        model = jaxvlm.checkpoint.model_from_torch_tensors(cfg, tensors, dtypes=ModelDtypes(param=jnp.float32, compute=compute))
+        model = jaxvlm.pretrained.model_from_torch_tensors(
+            cfg, tensors, options=ModelOptions(param_dtype=jnp.float32, compute_dtype=compute)
+        )
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         g = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), mb)))(params)
         grads[name] = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(g)}
@@ -290,5 +353,8 @@ def test_bf16_compute_gradients_track_fp32(cfg):
         x, y = np.asarray(v, np.float64).ravel(), np.asarray(grads["bf16"][k], np.float64).ravel()
         if np.linalg.norm(x) > 1e-3 * np.linalg.norm(a):
             worst_cos = min(worst_cos, float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))))
-    record("bf16 vs fp32 gradients", f"whole-vector relative error {rel:.2e} (tol 5e-2); worst per-tensor cosine {worst_cos:.4f} (tol 0.99)")
+    record(
+        "bf16 vs fp32 gradients",
+        f"whole-vector relative error {rel:.2e} (tol 5e-2); worst per-tensor cosine {worst_cos:.4f} (tol 0.99)",
+    )
     assert rel <= 5e-2 and worst_cos >= 0.99

@@ -15,14 +15,14 @@ Semantics (upstream's, on purpose):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from conversion.generation import check_generation_args
 
 
-def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
-                          filter_value: float = -float("inf")) -> torch.Tensor:
+def top_k_top_p_filtering(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, filter_value: float = -float("inf")
+) -> torch.Tensor:
     """float[B, V] -> float[B, V] with removed entries set to `filter_value` (upstream's rule).
 
     top-k (k > 0): remove every logit strictly below the k-th largest (ties with it stay).
@@ -54,9 +54,21 @@ def replace_after_eos(tokens: torch.Tensor, eos_token_id: int | None) -> torch.T
 
 
 @torch.no_grad()
-def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: int = 5, greedy: bool = False,
-             temperature: float = 0.5, top_k: int = 50, top_p: float = 0.9, eos_token_id: int | None = None,
-             seed: int = 0, return_logits: bool = False):
+def generate(
+    model,
+    input_ids,
+    images,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 5,
+    greedy: bool = False,
+    temperature: float = 0.5,
+    top_k: int = 50,
+    top_p: float = 0.9,
+    eos_token_id: int | None = None,
+    seed: int = 0,
+    return_logits: bool = False,
+):
     """New tokens int64[B, N] (and, with return_logits, float32[B, N, V]: the logits each token was
     chosen from, before filtering).
 
@@ -82,7 +94,9 @@ def generate(model, input_ids, images, attention_mask=None, *, max_new_tokens: i
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
     B, T = input_ids.shape
-    check_generation_args(model.cfg, T, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_generation_args(
+        model.cfg, T, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     gen = torch.Generator(device=device).manual_seed(seed)
 
     embd = model.embed(input_ids, images)  # images encoded once (and the image-token count checked)

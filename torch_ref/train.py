@@ -4,24 +4,11 @@ warmup + cosine learning rates, gradient accumulation with the loss divided by A
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from conversion.config import GROUPS, OptimConfig
+from conversion.recipe import GROUPS, OptimConfig, upstream_lr
 
 from .vision_language_model import VisionLanguageModel
-
-
-def upstream_lr(step: int, max_lr: float, max_steps: int) -> float:
-    """Upstream's `get_lr` (see jaxvlm.train.upstream_lr)."""
-    min_lr, warmup = max_lr * 0.1, max_steps * 0.03
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    if step > max_steps:
-        return min_lr
-    ratio = (step - warmup) / (max_steps - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
 
 def make_optimizer(model: VisionLanguageModel, ocfg: OptimConfig) -> torch.optim.AdamW:
@@ -38,8 +25,13 @@ def make_optimizer(model: VisionLanguageModel, ocfg: OptimConfig) -> torch.optim
     return torch.optim.AdamW(groups, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
 
 
-def train_step(model: VisionLanguageModel, optimizer: torch.optim.Optimizer, micro_batches: list[dict],
-               step: int, ocfg: OptimConfig) -> dict:
+def train_step(
+    model: VisionLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict],
+    step: int,
+    ocfg: OptimConfig,
+) -> dict:
     """One optimizer update from A micro-batches (dicts of int/float arrays), as upstream."""
     n_micro = len(micro_batches)
     losses = []

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conversion.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config
 from conversion.config import VLMConfig
 from conversion.mapping import check_keys, expected_shapes
+from conversion.pretrained import CONFIG_FILE, WEIGHTS_FILE, read_config
+from conversion.recipe import IGNORE_INDEX
 from conversion.safetensors_io import CheckpointError
 
 from .language_model import LanguageModel, RMSNorm
@@ -81,7 +82,7 @@ class VisionLanguageModel(nn.Module):
         Args:
           input_ids: int[B, T]. images: float[N_img, 3, S, S] in [0, 1], or None.
           attention_mask: int[B, T], 1 real / 0 padding (left padding), or None.
-          targets: int[B, T] already shifted by the data pipeline, -100 = ignored.
+          targets: int[B, T] already shifted by the data pipeline, IGNORE_INDEX (-100) = ignored.
         """
         device = self.decoder.token_embedding.weight.device
         dtype = self.decoder.token_embedding.weight.dtype
@@ -93,7 +94,9 @@ class VisionLanguageModel(nn.Module):
         loss = None
         if targets is not None:
             targets = _as_tensor(targets, torch.long, device)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
         return logits, loss
 
     def generate(self, input_ids, images, attention_mask=None, **kwargs):

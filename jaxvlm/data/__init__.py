@@ -9,7 +9,22 @@ from .loader import DataLoader, collate, pick_bucket, power_of_two_buckets
 from .synthetic import ANSWERS, QUESTIONS, Scene, SyntheticShapesDataset, render
 
 __all__ = [
-    "ANSWERS", "ConversationDataset", "DataLoader", "IGNORE_INDEX", "QUESTIONS", "Record", "SampleEncoder", "SampleError",
-    "Scene", "SyntheticShapesDataset", "cauldron_dataset", "coco_captions_dataset", "collate", "llava_dataset",
-    "pick_bucket", "power_of_two_buckets", "render", "shift_labels",
+    "ANSWERS",
+    "ConversationDataset",
+    "DataLoader",
+    "IGNORE_INDEX",
+    "QUESTIONS",
+    "Record",
+    "SampleEncoder",
+    "SampleError",
+    "Scene",
+    "SyntheticShapesDataset",
+    "cauldron_dataset",
+    "coco_captions_dataset",
+    "collate",
+    "llava_dataset",
+    "pick_bucket",
+    "power_of_two_buckets",
+    "render",
+    "shift_labels",
 ]

@@ -21,9 +21,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -55,7 +56,9 @@ class ConversationDataset:
         self.n_skipped = n_skipped
         self._shapes: dict[int, tuple[int, int]] = {}
         if not self.records:
-            raise ValueError(f"{name}: the dataset is empty" + (f" ({n_skipped} invalid rows skipped)" if n_skipped else ""))
+            raise ValueError(
+                f"{name}: the dataset is empty" + (f" ({n_skipped} invalid rows skipped)" if n_skipped else "")
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -102,7 +105,9 @@ def _image_size(ref: Path | bytes, source: str) -> tuple[int, int]:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception as e:  # header unreadable: the same error the sample itself would raise
-        raise SampleError(f"{source}: cannot read image header of {ref if not isinstance(ref, bytes) else '<bytes>'}: {e}") from None
+        raise SampleError(
+            f"{source}: cannot read image header of {ref if not isinstance(ref, bytes) else '<bytes>'}: {e}"
+        ) from None
     return (h, w) if orientation in _ORIENTATION_SWAPS else (w, h)
 
 
@@ -115,7 +120,9 @@ def _read_rows(path: Path) -> list[Any]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow, which is not installed; convert the file to JSONL") from None
+            raise ImportError(
+                f"{path}: reading parquet needs pyarrow, which is not installed; convert the file to JSONL"
+            ) from None
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl":
@@ -197,8 +204,9 @@ def _strip_placeholder(text: str) -> str:
     return text
 
 
-def llava_dataset(path: str | Path, encoder: SampleEncoder, *, image_root: str | Path | None = None,
-                  on_error: str = "raise") -> ConversationDataset:
+def llava_dataset(
+    path: str | Path, encoder: SampleEncoder, *, image_root: str | Path | None = None, on_error: str = "raise"
+) -> ConversationDataset:
     """LLaVA-style rows: {"image": "a.jpg" | ["a.jpg", ...] (optional), "conversations":
     [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}, ...]}, in a .json array or
     .jsonl. Image paths are relative to `image_root` (default: the file's directory). `<image>`
@@ -225,8 +233,9 @@ def llava_dataset(path: str | Path, encoder: SampleEncoder, *, image_root: str |
     return _build(_read_rows(path), parse, encoder, on_error, str(path))
 
 
-def cauldron_dataset(path: str | Path, encoder: SampleEncoder, *, image_root: str | Path | None = None,
-                     on_error: str = "raise") -> ConversationDataset:
+def cauldron_dataset(
+    path: str | Path, encoder: SampleEncoder, *, image_root: str | Path | None = None, on_error: str = "raise"
+) -> ConversationDataset:
     """Cauldron-style rows: {"images": [paths or {"bytes", "path"}], "texts": [{"user": ...,
     "assistant": ...}, ...]} from .jsonl/.json (or .parquet when pyarrow is installed).
     Upstream's rating filters (`relevance_ratings` ...) are not applied."""
@@ -248,8 +257,15 @@ def cauldron_dataset(path: str | Path, encoder: SampleEncoder, *, image_root: st
     return _build(_read_rows(path), parse, encoder, on_error, str(path))
 
 
-def coco_captions_dataset(root: str | Path, encoder: SampleEncoder, *, prompt: str = "Describe the image.",
-                          captions: str = "first", split: str | None = None, on_error: str = "raise") -> ConversationDataset:
+def coco_captions_dataset(
+    root: str | Path,
+    encoder: SampleEncoder,
+    *,
+    prompt: str = "Describe the image.",
+    captions: str = "first",
+    split: str | None = None,
+    on_error: str = "raise",
+) -> ConversationDataset:
     """COCO captions as (image, `prompt` -> caption) samples.
 
     `root` holds `captions.json` ({"images": [{"file_name", "split", "captions": [...]}, ...]})

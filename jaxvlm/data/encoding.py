@@ -22,16 +22,16 @@ Imports neither jax nor torch.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from conversion.recipe import IGNORE_INDEX
 
 from ..image_processing import ImageLike, ImageProcessor, image_string
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class SampleError(ValueError):
@@ -39,7 +39,7 @@ class SampleError(ValueError):
 
 
 def shift_labels(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """int32[T]: labels[t] = input_ids[t + 1] if mask[t + 1] else -100, and -100 at t = T - 1."""
+    """int32[T]: labels[t] = input_ids[t + 1] if mask[t + 1] else IGNORE_INDEX, and IGNORE_INDEX at t = T - 1."""
     labels = np.where(mask, input_ids, IGNORE_INDEX).astype(np.int32)
     labels = np.roll(labels, -1)
     if labels.size:
@@ -63,7 +63,7 @@ class SampleEncoder:
         self.has_global_token = "global_image_token" in tokenizer.extra_tokens
 
     @classmethod
-    def from_config(cls, cfg, tokenizer: Tokenizer, **processor_kwargs) -> "SampleEncoder":
+    def from_config(cls, cfg, tokenizer: Tokenizer, **processor_kwargs) -> SampleEncoder:
         return cls(tokenizer, ImageProcessor.from_config(cfg, **processor_kwargs), cfg.n_image_tokens)
 
     @property
@@ -117,10 +117,14 @@ class SampleEncoder:
             raise SampleError("a sample needs at least one message")
         if grids:
             first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), 0)
-            msgs[first]["content"] = image_string(grids, self.n_image_tokens, self.tokenizer.extra_tokens) + msgs[first]["content"]
+            msgs[first]["content"] = (
+                image_string(grids, self.n_image_tokens, self.tokenizer.extra_tokens) + msgs[first]["content"]
+            )
         return msgs
 
-    def encode_text(self, grids: Sequence[tuple[int, int]], messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_text(
+        self, grids: Sequence[tuple[int, int]], messages: Sequence[Mapping[str, str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids int32[T], labels int32[T]) for a conversation whose images have `grids`."""
         msgs = self.build_messages(grids, messages)
         tok = self.tokenizer
@@ -131,7 +135,7 @@ class SampleEncoder:
         for m in msgs:
             seg_len = len(tok.apply_chat_template([m]))
             if m["role"] == "assistant":
-                mask[cursor + prefix_len: cursor + seg_len] = True
+                mask[cursor + prefix_len : cursor + seg_len] = True
             cursor += seg_len
         if cursor != len(input_ids):  # upstream would silently misalign the mask
             raise SampleError(f"the conversation tokenizes to {len(input_ids)} ids but its messages to {cursor}")
@@ -149,8 +153,13 @@ class SampleEncoder:
         self._check(input_ids, pixels)
         if not np.any(labels != IGNORE_INDEX):
             raise SampleError("the sample has no assistant tokens to train on")
-        return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "labels": labels,
-                "images": pixels, "grids": grids}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": np.ones_like(input_ids),
+            "labels": labels,
+            "images": pixels,
+            "grids": grids,
+        }
 
     def encode_prompt(self, images: Sequence[ImageLike], messages: Sequence[Mapping[str, str]] | str) -> dict:
         """A generation prompt (ChatML + `<|im_start|>assistant\\n`): input_ids int32[T],

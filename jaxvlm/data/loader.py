@@ -52,8 +52,9 @@ import math
 import queue
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,13 +101,13 @@ def collate(samples: Sequence[dict | None], *, seq_len: int, n_images: int, pad_
         T = len(s["input_ids"])
         if T > seq_len:
             raise ValueError(f"row {b} has {T} tokens > the batch length {seq_len}")
-        ids[b, seq_len - T:] = s["input_ids"]
-        mask[b, seq_len - T:] = s["attention_mask"]
-        labels[b, seq_len - T:] = s["labels"]
+        ids[b, seq_len - T :] = s["input_ids"]
+        mask[b, seq_len - T :] = s["attention_mask"]
+        labels[b, seq_len - T :] = s["labels"]
         n = s["images"].shape[0]
         if k + n > n_images:
             raise ValueError(f"the batch has more than {n_images} image tiles")
-        images[k:k + n] = s["images"]
+        images[k : k + n] = s["images"]
         k += n
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images, "n_images": k}
 
@@ -133,10 +134,25 @@ class DataLoader:
       shape_group: consecutive batches sharing one (T, N_max) (the gradient-accumulation count).
     """
 
-    def __init__(self, dataset, batch_size: int, *, seq_buckets: Sequence[int] | None = None, max_length: int = 1024,
-                 image_buckets: Sequence[int] | None = None, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, num_workers: int = 0,
-                 on_error: str = "raise", on_too_long: str = "skip", shape_group: int = 1):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        seq_buckets: Sequence[int] | None = None,
+        max_length: int = 1024,
+        image_buckets: Sequence[int] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        on_too_long: str = "skip",
+        shape_group: int = 1,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= process_index < process_count:
@@ -150,9 +166,13 @@ class DataLoader:
         if self.n == 0:
             raise ValueError("the dataset is empty")
         self.batch_size = batch_size
-        self.seq_buckets = tuple(sorted(seq_buckets)) if seq_buckets else power_of_two_buckets(min(32, max_length), max_length)
+        self.seq_buckets = (
+            tuple(sorted(seq_buckets)) if seq_buckets else power_of_two_buckets(min(32, max_length), max_length)
+        )
         max_tiles = batch_size * int(dataset.max_tiles_per_sample)
-        self.image_buckets = tuple(sorted(image_buckets)) if image_buckets else power_of_two_buckets(1, max(max_tiles, 1))
+        self.image_buckets = (
+            tuple(sorted(image_buckets)) if image_buckets else power_of_two_buckets(1, max(max_tiles, 1))
+        )
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.process_index, self.process_count = process_index, process_count
         self.prefetch, self.num_workers = prefetch, num_workers
@@ -161,7 +181,9 @@ class DataLoader:
         self.image_size = int(dataset.image_size)
         global_batch = batch_size * process_count
         if self.n < global_batch and drop_last:
-            raise ValueError(f"{self.n} samples are fewer than one global batch of {global_batch} (set drop_last=False)")
+            raise ValueError(
+                f"{self.n} samples are fewer than one global batch of {global_batch} (set drop_last=False)"
+            )
         steps = self.n // global_batch if drop_last else math.ceil(self.n / global_batch)
         self.steps_per_epoch = steps - steps % shape_group if drop_last else steps
         if self.steps_per_epoch == 0:
@@ -188,9 +210,9 @@ class DataLoader:
         """Per process, the dataset indices of batch `step` (None = blank row)."""
         order = self.order(epoch)
         G = self.batch_size * self.process_count
-        chunk = [int(i) for i in order[step * G:(step + 1) * G]]
+        chunk = [int(i) for i in order[step * G : (step + 1) * G]]
         chunk += [None] * (G - len(chunk))
-        return [chunk[p * self.batch_size:(p + 1) * self.batch_size] for p in range(self.process_count)]
+        return [chunk[p * self.batch_size : (p + 1) * self.batch_size] for p in range(self.process_count)]
 
     def batch_indices(self, epoch: int, step: int) -> list[int | None]:
         """This process's dataset indices for batch `step` of `epoch` (None = blank row)."""
@@ -200,9 +222,16 @@ class DataLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position of the next batch to be yielded, and what it depends on. There is no separate
         random state: epoch e's order is drawn from `default_rng([seed, e])`."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_samples": self.n,
-                "batch_size": self.batch_size, "process_index": self.process_index, "process_count": self.process_count,
-                "shuffle": self.shuffle}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "num_samples": self.n,
+            "batch_size": self.batch_size,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "num_samples", "batch_size", "process_count", "shuffle"):
@@ -304,12 +333,16 @@ class DataLoader:
         seq_len = pick_bucket(T, self.seq_buckets)
         n_max = pick_bucket(n_img, self.image_buckets)
         if n_max is None:
-            raise ValueError(f"a batch has {n_img} image tiles, more than the largest image bucket {self.image_buckets[-1]}; "
-                             "raise image_buckets or lower batch_size")
+            raise ValueError(
+                f"a batch has {n_img} image tiles, more than the largest image bucket {self.image_buckets[-1]}; "
+                "raise image_buckets or lower batch_size"
+            )
         out = []
         for samples in groups:
             self._count("blank_rows", sum(s is None for s in samples))
-            out.append(collate(samples, seq_len=seq_len, n_images=n_max, pad_id=self.pad_id, image_size=self.image_size))
+            out.append(
+                collate(samples, seq_len=seq_len, n_images=n_max, pad_id=self.pad_id, image_size=self.image_size)
+            )
         return out
 
     def _batches(self, epoch: int, step: int) -> Iterator[tuple[int, int, dict]]:

@@ -124,9 +124,18 @@ class SyntheticShapesDataset:
       heldout_fraction: share of all possible scenes that belongs to "heldout".
     """
 
-    def __init__(self, encoder: SampleEncoder, *, split: str = "train", size: int = 10_000, seed: int = 0,
-                 image_size: int | None = None, tasks: tuple[str, ...] = TASKS, max_count: int = 3,
-                 heldout_fraction: float = 0.1):
+    def __init__(
+        self,
+        encoder: SampleEncoder,
+        *,
+        split: str = "train",
+        size: int = 10_000,
+        seed: int = 0,
+        image_size: int | None = None,
+        tasks: tuple[str, ...] = TASKS,
+        max_count: int = 3,
+        heldout_fraction: float = 0.1,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size <= 0:

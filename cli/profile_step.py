@@ -8,8 +8,8 @@ its kind (matmul / transpose-copy / reduce / elementwise), shape and the jaxvlm 
 it came from (HLO stack frames). Time is wall time: when the runtime runs two ops at once,
 each gets half of the overlap, so the shares add up to the step.
 
-    python bench/profile_step.py                       # nanovlm-222m, batch 4 x 256, 1 image each
-    python bench/profile_step.py --top 40 --out /tmp/prof   # keep the trace and the HLO there
+    python -m cli.profile_step                       # nanovlm-222m, batch 4 x 256, 1 image each
+    python -m cli.profile_step --top 40 --out /tmp/prof   # keep the trace and the HLO there
 
 Open OUT/trace/**/perfetto_trace.json.gz in https://ui.perfetto.dev for the timeline.
 Caveat: XLA's CPU dots that run through Eigen are asynchronous; their time shows up as a
@@ -31,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
 
 def parse_args():
-    from jaxvlm.bench import add_shape_args
+    from cli.bench import add_shape_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(p, "timed steps before the profiled one")
@@ -57,18 +55,26 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="jaxvlm-profile-"))
     dump = out / "hlo"
     # Must be set before jax initialises its backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$"
+    ).strip()
     import jax
     from flax import nnx
 
-    from jaxvlm.bench import config_of, forward_flops, jax_train_setup
+    from cli.bench import config_of, forward_flops, jax_train_setup
+    from jaxvlm.options import ModelOptions
     from jaxvlm.vision_language_model import VisionLanguageModel
 
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = config_of(args)
-    trainer, state, batch = jax_train_setup(VisionLanguageModel(cfg, remat=args.remat, rngs=nnx.Rngs(0)), cfg,
-                                            args.batch_size, args.seq_len, args.images_per_sample, seed=0)
+    trainer, state, batch = jax_train_setup(
+        VisionLanguageModel(cfg, options=ModelOptions(remat=args.remat), rngs=nnx.Rngs(0)),
+        cfg,
+        args.batch_size,
+        args.seq_len,
+        args.images_per_sample,
+        seed=0,
+    )
 
     def step():
         nonlocal state
@@ -85,8 +91,10 @@ def main() -> int:
         times.append(time.perf_counter() - t0)
     flops = 3 * forward_flops(cfg, args.batch_size, args.seq_len, args.batch_size * args.images_per_sample)
     med = statistics.median(times)
-    print(f"step: median {med:.3f} s of {[round(t, 3) for t in times]}; first call {first:.1f} s; "
-          f"{flops / 1e9:.0f} model GFLOP -> {flops / med / 1e9:.0f} GFLOP/s; compiles {trainer.compiles}")
+    print(
+        f"step: median {med:.3f} s of {[round(t, 3) for t in times]}; first call {first:.1f} s; "
+        f"{flops / 1e9:.0f} model GFLOP -> {flops / med / 1e9:.0f} GFLOP/s; compiles {trainer.compiles}"
+    )
 
     jax.profiler.start_trace(str(out / "trace"), create_perfetto_trace=True)
     t0 = time.perf_counter()
@@ -108,8 +116,12 @@ def _source_of(hlo: str):
     """stack_frame_id -> 'file.py:line:function' of the innermost frame (XLA's frame tables)."""
     files = dict(re.findall(r"^(\d+) \"(.*)\"$", _section(hlo, "FileNames"), re.M))
     funcs = dict(re.findall(r"^(\d+) \"(.*)\"$", _section(hlo, "FunctionNames"), re.M))
-    locs = {a: (b, c, d) for a, b, c, d in re.findall(
-        r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", _section(hlo, "FileLocations"), re.M)}
+    locs = {
+        a: (b, c, d)
+        for a, b, c, d in re.findall(
+            r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", _section(hlo, "FileLocations"), re.M
+        )
+    }
     frames = dict(re.findall(r"^(\d+) \{file_location_id=(\d+)", _section(hlo, "StackFrames"), re.M))
 
     def where(frame_id: str) -> str:
@@ -142,7 +154,9 @@ def report(out: Path, wall_s: float | None, top: int) -> None:
     hlo_file = sorted(glob.glob(str(out / "hlo/*jit__step.cpu_after_optimizations.txt")))[-1]
     hlo = Path(hlo_file).read_text()
     instrs = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M))
-    bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+    bodies = {
+        m.group(1): m.group(2) for m in re.finditer(r"\n%([\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", hlo, re.S)
+    }
     where = _source_of(hlo)
 
     ops = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("ph") == "X" and e["name"] in instrs]
@@ -180,12 +194,16 @@ def report(out: Path, wall_s: float | None, top: int) -> None:
     covered = sum(by_kind.values()) / 1e6
     if wall_s is None:
         wall_s = (max(b for _, b, _ in ops) - min(a for a, _, _ in ops)) / 1e6
-    print(f"\nwall {wall_s * 1e3:.0f} ms; inside ops {covered * 1e3:.0f} ms; not inside any op "
-          f"(Eigen dots in flight, dispatch) {(wall_s - covered) * 1e3:.0f} ms; {len(ops)} op executions\n")
+    print(
+        f"\nwall {wall_s * 1e3:.0f} ms; inside ops {covered * 1e3:.0f} ms; not inside any op "
+        f"(Eigen dots in flight, dispatch) {(wall_s - covered) * 1e3:.0f} ms; {len(ops)} op executions\n"
+    )
     print("| kind | ms | share |\n|---|---:|---:|")
     for k, us in sorted(by_kind.items(), key=lambda x: -x[1]):
         print(f"| {k} | {us / 1e3:.0f} | {us / 1e6 / wall_s:.0%} |")
-    print(f"\ntop {top} (kind, result shape, source line):\n\n| ms | ops | kind | shape | source |\n|---:|---:|---|---|---|")
+    print(
+        f"\ntop {top} (kind, result shape, source line):\n\n| ms | ops | kind | shape | source |\n|---:|---:|---|---|---|"
+    )
     for key, us in sorted(by_op.items(), key=lambda x: -x[1])[:top]:
         print(f"| {us / 1e3:.1f} | {count[key]} | {key[0]} | `{key[1]}` | {key[2]} |")
     print(f"\ntop {top} source lines:\n\n| ms | source |\n|---:|---|")

@@ -34,8 +34,9 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                          force=True)
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
         self.manager.wait_until_finished()
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
@@ -48,7 +49,8 @@ class TrainCheckpoints:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
         return restored["state"], restored["meta"]
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ each output row adds "answer". The tokenizer is the model directory's tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,9 +34,9 @@ def add_generate_parser(sub) -> None:
 
 
 def _load(args):
-    from .checkpoint import load_nanovlm
-    from .data import SampleEncoder
-    from .tokenizer import load_tokenizer
+    from jaxvlm.data import SampleEncoder
+    from jaxvlm.pretrained import load_nanovlm
+    from jaxvlm.tokenizer import load_tokenizer
 
     model = load_nanovlm(args.model)
     tokenizer = load_tokenizer(Path(args.tokenizer or args.model), extra_tokens=model.cfg.extra_tokens)
@@ -59,20 +58,33 @@ class TextStream:
         self.ids.append(tok)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a split character
-            print(text[len(self.shown):], end="", flush=True)
+            print(text[len(self.shown) :], end="", flush=True)
             self.shown = text
 
 
 def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[str]:
-    from .evaluation import left_pad
-    from .generate import generate
+    from jaxvlm.evaluation import left_pad
+    from jaxvlm.generate import generate
 
     ids, mask, images = left_pad(prompts, tokenizer.pad_token_id)
-    out = generate(model, ids, images, mask, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream)
-    return [tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
-            for row in out.tolist()]
+    out = generate(
+        model,
+        ids,
+        images,
+        mask,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=args.seed,
+        stream=stream,
+    )
+    return [
+        tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
+        for row in out.tolist()
+    ]
 
 
 def _batch_rows(path: Path) -> list[dict]:
@@ -87,7 +99,9 @@ def _batch_rows(path: Path) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{n}: a row needs a string 'prompt'")
         images = row.get("images", [row["image"]] if "image" in row else [])
-        rows.append({"prompt": row["prompt"], "images": [str((path.parent / p)) for p in images], "source": f"{path}:{n}"})
+        rows.append(
+            {"prompt": row["prompt"], "images": [str(path.parent / p) for p in images], "source": f"{path}:{n}"}
+        )
     if not rows:
         raise ValueError(f"{path} has no prompts")
     return rows
@@ -106,7 +120,7 @@ def cmd_generate(args) -> int:
     out = open(args.out, "w") if args.out else sys.stdout
     try:
         for start in range(0, len(rows), args.batch_size):
-            chunk = rows[start:start + args.batch_size]
+            chunk = rows[start : start + args.batch_size]
             prompts = []
             for row in chunk:
                 try:

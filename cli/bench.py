@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conversion.recipe import IGNORE_INDEX
+
 PARTS = ("matmul", "jax-train", "torch-train", "torch-compile", "jax-decode", "torch-decode")
 
 
@@ -55,9 +57,9 @@ def make_batch(cfg, batch_size: int, seq_len: int, images_per_sample: int, seed:
     if images_per_sample * L >= seq_len:
         raise ValueError(f"--seq-len {seq_len} cannot hold {images_per_sample} images of {L} tokens")
     ids = rng.integers(3, cfg.lm_base_vocab_size, (batch_size, seq_len)).astype(np.int32)
-    ids[:, 1:1 + images_per_sample * L] = cfg.image_token_id
-    labels = np.full_like(ids, -100)
-    labels[:, :-1] = np.where(ids[:, 1:] == cfg.image_token_id, -100, ids[:, 1:])
+    ids[:, 1 : 1 + images_per_sample * L] = cfg.image_token_id
+    labels = np.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = np.where(ids[:, 1:] == cfg.image_token_id, IGNORE_INDEX, ids[:, 1:])
     n_img = batch_size * images_per_sample
     images = rng.random((n_img, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels, "images": images}
@@ -67,11 +69,14 @@ def forward_flops(cfg, batch_size: int, seq_len: int, n_images: int) -> float:
     """Matmul + attention FLOPs of one forward pass (2 per multiply-add)."""
     D, I_v, N = cfg.vit_hidden_dim, cfg.vit_inter_dim, cfg.vit_n_patches
     vit = 2 * N * 3 * cfg.vit_patch_size**2 * D + cfg.vit_n_blocks * (
-        2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I_v + 2 * 2 * N * N * D)
+        2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I_v + 2 * 2 * N * N * D
+    )
     mp = 2 * cfg.n_image_tokens * cfg.mp_input_dim * cfg.lm_hidden_dim
     H, I, T = cfg.lm_hidden_dim, cfg.lm_inter_dim, seq_len
     kv = cfg.lm_n_kv_heads * cfg.lm_head_dim
-    per_token = cfg.lm_n_blocks * (2 * H * H * 2 + 2 * H * kv * 2 + 3 * 2 * H * I + 2 * 2 * T * H) + 2 * H * cfg.lm_vocab_size
+    per_token = (
+        cfg.lm_n_blocks * (2 * H * H * 2 + 2 * H * kv * 2 + 3 * 2 * H * I + 2 * 2 * T * H) + 2 * H * cfg.lm_vocab_size
+    )
     return float(n_images * (vit + mp) + batch_size * T * per_token)
 
 
@@ -117,20 +122,24 @@ def part_matmul(args, cfg) -> dict:
     big = rng.random(64 * 2**20, dtype=np.float32)  # 256 MiB
     out = np.empty_like(big)
     t_copy = min(_time(lambda: np.copyto(out, big)) for _ in range(5))
-    del out
+    out = None  # freed before the next large buffer
     # Read-only bandwidth (what streaming weights needs): a 1 GiB sum, both frameworks' best.
     host = rng.random(2**28, dtype=np.float32)
     jbig = jnp.asarray(host)
     jsum = jax.jit(jnp.sum)
     jsum(jbig).block_until_ready()
     t_read_jax = min(_time(lambda: jsum(jbig).block_until_ready()) for _ in range(5))
-    del jbig
+    jbig = None
     tbig = torch.from_numpy(host)
     t_read_torch = min(_time(lambda: tbig.sum()) for _ in range(5))
-    return {"gflops_jax": flops / t_jax / 1e9, "gflops_torch": flops / t_torch / 1e9, "gflops_numpy": flops / t_np / 1e9,
-            "peak_gflops": flops / min(t_jax, t_torch, t_np) / 1e9,
-            "bandwidth_gb_s": 2 * big.nbytes / t_copy / 1e9,  # copy: read + write
-            "read_bandwidth_gb_s": 4 * 2**28 / min(t_read_jax, t_read_torch) / 1e9}
+    return {
+        "gflops_jax": flops / t_jax / 1e9,
+        "gflops_torch": flops / t_torch / 1e9,
+        "gflops_numpy": flops / t_np / 1e9,
+        "peak_gflops": flops / min(t_jax, t_torch, t_np) / 1e9,
+        "bandwidth_gb_s": 2 * big.nbytes / t_copy / 1e9,  # copy: read + write
+        "read_bandwidth_gb_s": 4 * 2**28 / min(t_read_jax, t_read_torch) / 1e9,
+    }
 
 
 def _time(fn) -> float:
@@ -141,10 +150,9 @@ def _time(fn) -> float:
 
 def jax_train_setup(model, cfg, batch_size: int, seq_len: int, images_per_sample: int, seed: int):
     """jaxvlm's trainer (upstream's recipe), its step-0 state and the bench's batch as one
-    micro-batch: what the bench times and `bench/profile_step.py` profiles. `model` is consumed."""
-    from conversion.config import OptimConfig
-
-    from .train import Trainer, label_positions
+    micro-batch: what the bench times and `cli/profile_step.py` profiles. `model` is consumed."""
+    from conversion.recipe import OptimConfig
+    from jaxvlm.train import Trainer, label_positions
 
     trainer = Trainer(model, OptimConfig(max_training_steps=1000))
     state = trainer.init_state(model)
@@ -157,11 +165,12 @@ def jax_train_setup(model, cfg, batch_size: int, seq_len: int, images_per_sample
 def part_jax_train(args, cfg) -> dict:
     import jax
 
-    from .checkpoint import load_nanovlm
+    from jaxvlm.pretrained import load_nanovlm
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    trainer, state, batch = jax_train_setup(load_nanovlm(args.checkpoint), cfg, args.batch_size, args.seq_len,
-                                            args.images_per_sample, args.seed)
+    trainer, state, batch = jax_train_setup(
+        load_nanovlm(args.checkpoint), cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed
+    )
     holder = {"state": state}
     del state
     losses = []
@@ -178,7 +187,7 @@ def part_torch_train(args, cfg, compiled: bool = False) -> dict:
     import torch
 
     import torch_ref
-    from conversion.config import OptimConfig
+    from conversion.recipe import OptimConfig
     from torch_ref.train import make_optimizer, train_step
 
     model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).train()
@@ -201,7 +210,7 @@ def _prompts(cfg, batch: int, seed: int):
     rng = np.random.default_rng(seed)
     L = cfg.n_image_tokens
     ids = rng.integers(3, cfg.lm_base_vocab_size, (batch, L + 16)).astype(np.int32)
-    ids[:, 4:4 + L] = cfg.image_token_id
+    ids[:, 4 : 4 + L] = cfg.image_token_id
     images = rng.random((batch, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32)
     return ids, np.ones_like(ids), images
 
@@ -210,8 +219,8 @@ def part_decode(args, cfg, framework: str) -> dict:
     if framework == "jax":
         import jax
 
-        from .checkpoint import load_nanovlm
-        from .generate import generate
+        from jaxvlm.generate import generate
+        from jaxvlm.pretrained import load_nanovlm
 
         model = load_nanovlm(args.checkpoint)
 
@@ -239,18 +248,26 @@ def part_decode(args, cfg, framework: str) -> dict:
             t1 = _time(lambda: gen(ids, mask, images, 1))
             tn = _time(lambda: gen(ids, mask, images, N))
             rates.append(batch * (N - 1) / (tn - t1) if tn > t1 else float("nan"))  # nan: too fast to resolve
-        out.setdefault("batches", {})[str(batch)] = {"decode_tok_s_median": statistics.median(rates), "decode_tok_s_best": max(rates),
-                           "tokens": tokens.tolist()}
+        out.setdefault("batches", {})[str(batch)] = {
+            "decode_tok_s_median": statistics.median(rates),
+            "decode_tok_s_best": max(rates),
+            "tokens": tokens.tolist(),
+        }
     return out
 
 
 def run_part(name: str, args) -> dict:
-    from conversion.checkpoint import read_config
+    from conversion.pretrained import read_config
 
     cfg = read_config(args.checkpoint)
-    fn = {"matmul": part_matmul, "jax-train": part_jax_train, "torch-train": part_torch_train,
-          "torch-compile": lambda a, c: part_torch_train(a, c, compiled=True),
-          "jax-decode": lambda a, c: part_decode(a, c, "jax"), "torch-decode": lambda a, c: part_decode(a, c, "torch")}[name]
+    fn = {
+        "matmul": part_matmul,
+        "jax-train": part_jax_train,
+        "torch-train": part_torch_train,
+        "torch-compile": lambda a, c: part_torch_train(a, c, compiled=True),
+        "jax-decode": lambda a, c: part_decode(a, c, "jax"),
+        "torch-decode": lambda a, c: part_decode(a, c, "torch"),
+    }[name]
     result = fn(args, cfg)
     result["peak_rss_mb"] = peak_rss_mb()
     result["host_memory"] = host_memory_setting()
@@ -259,7 +276,7 @@ def run_part(name: str, args) -> dict:
 
 # ---- the driver -------------------------------------------------------------------------------------------
 def add_shape_args(p: argparse.ArgumentParser, steps_help: str) -> None:
-    """The model and batch flags the bench and `bench/profile_step.py` share."""
+    """The model and batch flags the bench and `cli/profile_step.py` share."""
     p.add_argument("--preset", default="nanovlm-222m")
     p.add_argument("--config", help="a nanoVLM config.json instead of --preset")
     p.add_argument("--batch-size", type=int, default=4)
@@ -283,16 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
-    p.add_argument("--host-memory", choices=("tuned", "default"), default="tuned",
-                   help="glibc malloc setting per framework (tuned) or glibc's defaults for all (default)")
+    p.add_argument(
+        "--host-memory",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="glibc malloc setting per framework (tuned) or glibc's defaults for all (default)",
+    )
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)  # set by the driver for the parts
     p.add_argument("--part", help=argparse.SUPPRESS)
     return p
 
 
 def add_bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="train-step and decode speed of jaxvlm vs torch_ref, side by side",
-                       parents=[build_parser()], add_help=False, conflict_handler="resolve")
+    b = sub.add_parser(
+        "bench",
+        help="train-step and decode speed of jaxvlm vs torch_ref, side by side",
+        parents=[build_parser()],
+        add_help=False,
+        conflict_handler="resolve",
+    )
     b.set_defaults(func=lambda args: main_args(args))
 
 
@@ -305,11 +331,32 @@ def main_args(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         _write_checkpoint(cfg, args.seed, tmp)
         for part in args.parts:
-            cmd = [sys.executable, "-m", "jaxvlm", "bench", "--part", part, "--checkpoint", tmp,
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                   "--images-per-sample", str(args.images_per_sample), "--steps", str(args.steps),
-                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--seed", str(args.seed),
-                   "--decode-batch", *map(str, args.decode_batch)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "jaxvlm",
+                "bench",
+                "--part",
+                part,
+                "--checkpoint",
+                tmp,
+                "--batch-size",
+                str(args.batch_size),
+                "--seq-len",
+                str(args.seq_len),
+                "--images-per-sample",
+                str(args.images_per_sample),
+                "--steps",
+                str(args.steps),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--repeats",
+                str(args.repeats),
+                "--seed",
+                str(args.seed),
+                "--decode-batch",
+                *map(str, args.decode_batch),
+            ]
             print(f"bench: {part} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=part_environment(part, args.host_memory))
             if proc.returncode != 0:
@@ -324,7 +371,7 @@ def main_args(args) -> int:
 
 def part_environment(part: str, host_memory: str) -> dict:
     """The child's environment: glibc's defaults, plus the framework's malloc setting if tuned."""
-    from . import host_memory as hm
+    from jaxvlm import host_memory as hm
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != hm.TUNABLE]
@@ -341,7 +388,7 @@ def part_environment(part: str, host_memory: str) -> dict:
 
 def host_memory_setting() -> str:
     """This process's malloc setting, as the report names it."""
-    from . import host_memory as hm
+    from jaxvlm import host_memory as hm
 
     if hm.huge_pages_enabled():
         return f"huge pages (THP {hm.transparent_huge_pages()})"
@@ -365,19 +412,35 @@ def summarise(cfg, args, r: dict) -> dict:
     n_params = sum(int(np.prod(e.torch_shape)) for e in mapping(cfg))
     flops = 3 * forward_flops(cfg, args.batch_size, args.seq_len, args.batch_size * args.images_per_sample)
     peak = r.get("matmul", {}).get("peak_gflops")
-    out = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "preset": args.preset if not args.config else args.config,
-           "shape": {"batch_size": args.batch_size, "seq_len": args.seq_len, "images_per_sample": args.images_per_sample,
-                     "image_size": cfg.vit_img_size, "params": n_params},
-           "train_step_model_gflops": flops / 1e9, "matmul": r.get("matmul"), "train": {}, "decode": {}}
+    out = {
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "preset": args.preset if not args.config else args.config,
+        "shape": {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "images_per_sample": args.images_per_sample,
+            "image_size": cfg.vit_img_size,
+            "params": n_params,
+        },
+        "train_step_model_gflops": flops / 1e9,
+        "matmul": r.get("matmul"),
+        "train": {},
+        "decode": {},
+    }
     for name in ("jax-train", "torch-train", "torch-compile"):
         if name in r:
             t = r[name]["step_s_median"]
-            out["train"][name] = {"step_s": t, "tokens_per_s": args.batch_size * args.seq_len / t,
-                                  "compile_s": r[name]["compile_s"], "peak_rss_mb": r[name]["peak_rss_mb"],
-                                  "mfu_vs_measured_matmul": (flops / t / 1e9 / peak) if peak else None,
-                                  "mfu_vs_own_framework_matmul": (flops / t / 1e9 / own) if (own := r.get("matmul", {}).get(
-                                      "gflops_jax" if name == "jax-train" else "gflops_torch")) else None,
-                                  "first_losses": r[name]["losses"]}
+            out["train"][name] = {
+                "step_s": t,
+                "tokens_per_s": args.batch_size * args.seq_len / t,
+                "compile_s": r[name]["compile_s"],
+                "peak_rss_mb": r[name]["peak_rss_mb"],
+                "mfu_vs_measured_matmul": (flops / t / 1e9 / peak) if peak else None,
+                "mfu_vs_own_framework_matmul": (flops / t / 1e9 / own)
+                if (own := r.get("matmul", {}).get("gflops_jax" if name == "jax-train" else "gflops_torch"))
+                else None,
+                "first_losses": r[name]["losses"],
+            }
     if "jax-train" in r:
         j = out["train"]["jax-train"]["step_s"]
         for name in ("torch-train", "torch-compile"):
@@ -391,12 +454,17 @@ def summarise(cfg, args, r: dict) -> dict:
     for name in ("jax-decode", "torch-decode"):
         for batch, d in r.get(name, {}).get("batches", {}).items():
             out["decode"].setdefault(batch, {})[name] = {
-                "tok_s": d["decode_tok_s_median"], "tok_s_best": d["decode_tok_s_best"], "peak_rss_mb": r[name]["peak_rss_mb"],
-                "fraction_of_bandwidth_bound": d["decode_tok_s_median"] / bound if bound and batch == "1" else None}
+                "tok_s": d["decode_tok_s_median"],
+                "tok_s_best": d["decode_tok_s_best"],
+                "peak_rss_mb": r[name]["peak_rss_mb"],
+                "fraction_of_bandwidth_bound": d["decode_tok_s_median"] / bound if bound and batch == "1" else None,
+            }
     if "jax-decode" in r and "torch-decode" in r:
         for batch, d in out["decode"].items():
             d["jaxvlm_speedup"] = d["jax-decode"]["tok_s"] / d["torch-decode"]["tok_s"]
-            d["same_tokens"] = r["jax-decode"]["batches"][batch]["tokens"] == r["torch-decode"]["batches"][batch]["tokens"]
+            d["same_tokens"] = (
+                r["jax-decode"]["batches"][batch]["tokens"] == r["torch-decode"]["batches"][batch]["tokens"]
+            )
     out["decode_bound_tok_s_batch1"] = bound
     out["host_memory"] = {name: part.get("host_memory") for name, part in r.items()}
     return out
@@ -404,31 +472,48 @@ def summarise(cfg, args, r: dict) -> dict:
 
 def markdown(rep: dict) -> str:
     s = rep["shape"]
-    lines = [f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
-             f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine']['cpus']} CPUs, "
-             f"load average {rep['machine']['load_average'][0]:.1f}"]
+    lines = [
+        f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
+        f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine']['cpus']} CPUs, "
+        f"load average {rep['machine']['load_average'][0]:.1f}"
+    ]
     lines.append("host memory (glibc malloc): " + "; ".join(f"{k} {v}" for k, v in rep.get("host_memory", {}).items()))
     if rep["matmul"]:
         m = rep["matmul"]
-        lines.append(f"measured fp32 matmul: {m['peak_gflops']:.1f} GFLOP/s (jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}, "
-                     f"numpy {m['gflops_numpy']:.1f}); copy bandwidth {m['bandwidth_gb_s']:.1f} GB/s; read bandwidth "
-                     f"{m.get('read_bandwidth_gb_s', float('nan')):.1f} GB/s")
+        lines.append(
+            f"measured fp32 matmul: {m['peak_gflops']:.1f} GFLOP/s (jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}, "
+            f"numpy {m['gflops_numpy']:.1f}); copy bandwidth {m['bandwidth_gb_s']:.1f} GB/s; read bandwidth "
+            f"{m.get('read_bandwidth_gb_s', float('nan')):.1f} GB/s"
+        )
     if rep["train"]:
-        lines += ["", f"train step ({rep['train_step_model_gflops']:.0f} model GFLOP):", "",
-                  "| contender | step (s) | tokens/s | compile (s) | MFU (best GEMM) | MFU (own framework's GEMM) | peak RSS (MB) | jaxvlm speed-up |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"train step ({rep['train_step_model_gflops']:.0f} model GFLOP):",
+            "",
+            "| contender | step (s) | tokens/s | compile (s) | MFU (best GEMM) | MFU (own framework's GEMM) | peak RSS (MB) | jaxvlm speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         pct = lambda x: f"{x * 100:.0f}%" if x else "-"  # noqa: E731
         for name, t in rep["train"].items():
             sp = f"{t['jaxvlm_speedup']:.2f}x" if "jaxvlm_speedup" in t else "-"
-            lines.append(f"| {name} | {t['step_s']:.2f} | {t['tokens_per_s']:.0f} | {t['compile_s']:.1f} | "
-                         f"{pct(t['mfu_vs_measured_matmul'])} | {pct(t.get('mfu_vs_own_framework_matmul'))} | {t['peak_rss_mb']:.0f} | {sp} |")
+            lines.append(
+                f"| {name} | {t['step_s']:.2f} | {t['tokens_per_s']:.0f} | {t['compile_s']:.1f} | "
+                f"{pct(t['mfu_vs_measured_matmul'])} | {pct(t.get('mfu_vs_own_framework_matmul'))} | {t['peak_rss_mb']:.0f} | {sp} |"
+            )
     if rep["decode"]:
-        lines += ["", "greedy decode:", "", "| batch | jaxvlm tok/s | torch_ref tok/s | speed-up | same tokens | jaxvlm vs read-bandwidth bound |",
-                  "|---:|---:|---:|---:|---|---:|"]
+        lines += [
+            "",
+            "greedy decode:",
+            "",
+            "| batch | jaxvlm tok/s | torch_ref tok/s | speed-up | same tokens | jaxvlm vs read-bandwidth bound |",
+            "|---:|---:|---:|---:|---|---:|",
+        ]
         for batch, d in rep["decode"].items():
             j, t = d.get("jax-decode"), d.get("torch-decode")
             frac = j.get("fraction_of_bandwidth_bound") if j else None
-            lines.append(f"| {batch} | {j['tok_s'] if j else float('nan'):.1f} | {t['tok_s'] if t else float('nan'):.1f} | "
-                         f"{d.get('jaxvlm_speedup', float('nan')):.2f}x | {d.get('same_tokens', '-')} | "
-                         f"{(f'{frac * 100:.0f}%' if frac else '-')} |")
+            lines.append(
+                f"| {batch} | {j['tok_s'] if j else float('nan'):.1f} | {t['tok_s'] if t else float('nan'):.1f} | "
+                f"{d.get('jaxvlm_speedup', float('nan')):.2f}x | {d.get('same_tokens', '-')} | "
+                f"{(f'{frac * 100:.0f}%' if frac else '-')} |"
+            )
     return "\n".join(lines)

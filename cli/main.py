@@ -13,14 +13,13 @@ import sys
 import typing
 from pathlib import Path
 
-from conversion.checkpoint import read_config
-from conversion.cli_support import exit_with, run
-
-from .host_memory import reexec_with_huge_pages
+from cli.runner import exit_with, run
+from conversion.pretrained import read_config
+from jaxvlm.host_memory import reexec_with_huge_pages
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    from .training import RunConfig
+    from jaxvlm.train_loop import RunConfig
 
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
@@ -29,11 +28,20 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "model":
-            p.add_argument("--model", action="append", metavar="FIELD=VALUE", default=None,
-                           help="override a VLMConfig field of the preset (repeatable), e.g. --model vit_img_size=64")
+            p.add_argument(
+                "--model",
+                action="append",
+                metavar="FIELD=VALUE",
+                default=None,
+                help="override a VLMConfig field of the preset (repeatable), e.g. --model vit_img_size=64",
+            )
         elif f.name == "seq_buckets":
-            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                           help="comma-separated sequence lengths, e.g. 64,128,256")
+            p.add_argument(
+                flag,
+                type=lambda s: tuple(int(x) for x in s.split(",")),
+                default=None,
+                help="comma-separated sequence lengths, e.g. 64,128,256",
+            )
         else:
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             p.add_argument(flag, type=base, default=None, help=f"(default: {f.default})")
@@ -50,9 +58,11 @@ def _field_value(item: str) -> tuple[str, object]:
 
 
 def cmd_train(args) -> int:
-    from .training import RunConfig, train
+    from jaxvlm.train_loop import RunConfig, train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None
+    }
     if "model" in overrides:
         overrides["model"] = dict(_field_value(item) for item in overrides["model"])
     run = RunConfig.from_file(args.config, **overrides) if args.config else RunConfig(**overrides)
@@ -62,27 +72,47 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import load_nanovlm
-    from .data import SampleEncoder
-    from .evaluation import exact_match, mean_loss
-    from .tokenizer import load_tokenizer
-    from .training import RunConfig, build_dataset, build_loader
+    from jaxvlm.data import SampleEncoder
+    from jaxvlm.evaluation import exact_match, mean_loss
+    from jaxvlm.pretrained import load_nanovlm
+    from jaxvlm.tokenizer import load_tokenizer
+    from jaxvlm.train_loop import RunConfig, build_dataset, build_loader
 
     model = load_nanovlm(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.model)
     tokenizer = load_tokenizer(tok_path, extra_tokens=model.cfg.extra_tokens)
     encoder = SampleEncoder.from_config(model.cfg, tokenizer)
-    run = RunConfig(data=args.data, synthetic_size=args.synthetic_size, seed=args.seed, batch_size=args.batch_size,
-                    image_size=args.image_size)
+    run = RunConfig(
+        data=args.data,
+        synthetic_size=args.synthetic_size,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+    )
     dataset = build_dataset(run, model.cfg, encoder, split=args.split)
     if args.limit:
         args.limit = min(args.limit, len(dataset))
-    loss = mean_loss(model, build_loader(run, dataset, shuffle=False), max_batches=None if not args.limit else
-                     -(-args.limit // args.batch_size))
-    result = exact_match(model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                         limit=args.limit, show=args.show)
-    report = {"split": args.split, "n": result["n"], "loss": loss, "exact_match": result["exact_match"],
-              "examples": result["examples"]}
+    loss = mean_loss(
+        model,
+        build_loader(run, dataset, shuffle=False),
+        max_batches=None if not args.limit else -(-args.limit // args.batch_size),
+    )
+    result = exact_match(
+        model,
+        tokenizer,
+        dataset,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        show=args.show,
+    )
+    report = {
+        "split": args.split,
+        "n": result["n"],
+        "loss": loss,
+        "exact_match": result["exact_match"],
+        "examples": result["examples"],
+    }
     if args.json:
         print(json.dumps(report))
     else:
@@ -94,9 +124,9 @@ def cmd_eval(args) -> int:
 
 def cmd_synthetic(args) -> int:
     """Render one synthetic sample to a PNG and print its question and answer (for demos)."""
-    from .data import SampleEncoder, SyntheticShapesDataset
-    from .image_processing import ImageProcessor
-    from .tokenizer import load_tokenizer
+    from jaxvlm.data import SampleEncoder, SyntheticShapesDataset
+    from jaxvlm.image_processing import ImageProcessor
+    from jaxvlm.tokenizer import load_tokenizer
 
     cfg = read_config(args.model)
     tokenizer = load_tokenizer(Path(args.model), extra_tokens=cfg.extra_tokens)
@@ -141,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synthetic)
 
     from .bench import add_bench_parser
-    from .generate_cli import add_generate_parser
+    from .generate import add_generate_parser
 
     add_generate_parser(sub)
     add_bench_parser(sub)

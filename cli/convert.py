@@ -20,24 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from .cli_support import exit_with, run
-from .config import PRESETS, VLMConfig
+from conversion.config import PRESETS, VLMConfig
+from conversion.pretrained import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, copy_tokenizer
 
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-
-
-def _is_orbax_dir(path: Path) -> bool:
-    from jaxvlm.checkpoint import ORBAX_STATE_DIR
-
-    return (path / ORBAX_STATE_DIR).is_dir() and not (path / WEIGHTS_FILE).is_file()
+from .runner import exit_with, run
 
 
 def _fresh_output_dir(dst: Path) -> None:
@@ -46,40 +34,39 @@ def _fresh_output_dir(dst: Path) -> None:
 
 
 def cmd_to_jax(args) -> int:
-    from jaxvlm.checkpoint import load_nanovlm, save_orbax
+    from jaxvlm.pretrained import load_nanovlm, save_orbax
 
     src, dst = Path(args.src), Path(args.dst)
     _fresh_output_dir(dst)
     model = load_nanovlm(src)
     save_orbax(model, dst)
-    _copy_tokenizer(src, dst)
+    copy_tokenizer(src, dst)
     print(f"wrote orbax checkpoint {dst} ({_n_params(model.cfg)} tensors from {src / WEIGHTS_FILE})")
     return 0
 
 
 def cmd_to_torch(args) -> int:
-    from jaxvlm.checkpoint import load_orbax, save_nanovlm
+    from jaxvlm.pretrained import load_orbax, save_nanovlm
 
     src, dst = Path(args.src), Path(args.dst)
     _fresh_output_dir(dst)
     model = load_orbax(src)
     save_nanovlm(model, dst)
-    _copy_tokenizer(src, dst)
+    copy_tokenizer(src, dst)
     print(f"wrote nanoVLM checkpoint {dst} ({CONFIG_FILE} + {WEIGHTS_FILE})")
     return 0
 
 
 def _n_params(cfg: VLMConfig) -> int:
-    from .mapping import mapping
+    from conversion.mapping import mapping
 
     return len(mapping(cfg))
 
 
 def cmd_init(args) -> int:
-    import jax
     from flax import nnx
 
-    from jaxvlm.checkpoint import save_nanovlm
+    from jaxvlm.pretrained import save_nanovlm
     from jaxvlm.vision_language_model import VisionLanguageModel
 
     dst = Path(args.dst)
@@ -92,11 +79,16 @@ def cmd_init(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .parity import compare_frameworks
+    from .check import compare_frameworks
 
     report = compare_frameworks(
-        Path(args.dir), image=args.image, prompt=args.prompt, tokenizer=args.tokenizer,
-        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+        Path(args.dir),
+        image=args.image,
+        prompt=args.prompt,
+        tokenizer=args.tokenizer,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
     )
     ok = report["max_abs_diff"] <= args.tol * report["logit_scale"]
     if args.json:
@@ -104,7 +96,9 @@ def cmd_check(args) -> int:
     else:
         print(f"inputs        : {report['inputs']}")
         print(f"logit scale   : {report['logit_scale']:.4g} (max |logits|, torch_ref)")
-        print(f"max |diff|    : {report['max_abs_diff']:.3e} ({report['max_abs_diff'] / report['logit_scale']:.2e} relative; tolerance {args.tol:.0e})")
+        print(
+            f"max |diff|    : {report['max_abs_diff']:.3e} ({report['max_abs_diff'] / report['logit_scale']:.2e} relative; tolerance {args.tol:.0e})"
+        )
         print(f"mean KL       : {report['mean_kl']:.3e} nats (torch_ref || jaxvlm)")
         print(f"top-1 agree   : {report['top1_agreement'] * 100:.2f}% of {report['n_positions']} positions")
         print("OK" if ok else "FAIL: the frameworks disagree beyond tolerance")
@@ -114,7 +108,7 @@ def cmd_check(args) -> int:
 def _extra_tokens(value: str):
     """--extra-tokens: "default" (66 tokens), "legacy" (the single image token), or a JSON
     object {name: token} given inline or as a file."""
-    from .config import DEFAULT_EXTRA_TOKENS, LEGACY_EXTRA_TOKENS
+    from conversion.config import DEFAULT_EXTRA_TOKENS, LEGACY_EXTRA_TOKENS
 
     if value in ("default", "legacy"):
         return DEFAULT_EXTRA_TOKENS if value == "default" else LEGACY_EXTRA_TOKENS
@@ -129,19 +123,34 @@ def _extra_tokens(value: str):
 
 
 def cmd_from_hf(args) -> int:
-    from .hf import build_from_hf
+    from conversion.hf import build_from_hf
 
-    settings = {"mp_pixel_shuffle_factor": args.pixel_shuffle_factor, "mp_image_token_length": args.image_token_length,
-                "vit_img_size": args.image_size, "max_img_size": args.max_img_size,
-                "resize_to_max_side_len": args.resize_to_max_side_len, "lm_max_length": args.max_length}
+    settings = {
+        "mp_pixel_shuffle_factor": args.pixel_shuffle_factor,
+        "mp_image_token_length": args.image_token_length,
+        "vit_img_size": args.image_size,
+        "max_img_size": args.max_img_size,
+        "resize_to_max_side_len": args.resize_to_max_side_len,
+        "lm_max_length": args.max_length,
+    }
     if args.extra_tokens is not None:
         settings["vlm_extra_tokens"] = args.extra_tokens
-    cfg = build_from_hf(args.vision, args.language, args.out, seed=args.seed, dtype=args.dtype,
-                        **{k: v for k, v in settings.items() if v is not None})
-    files = f"{CONFIG_FILE} + {WEIGHTS_FILE}" + (f" + {TOKENIZER_FILE}" if (Path(args.out) / TOKENIZER_FILE).is_file() else " (no tokenizer)")
-    print(f"wrote nanoVLM checkpoint {args.out} ({files}): ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "
-          f"LM {cfg.lm_n_blocks} x {cfg.lm_hidden_dim}, vocabulary {cfg.lm_base_vocab_size} + {cfg.extra_token_amount} extra"
-          f"{'' if cfg.lm_tie_weights else ', untied head'}, {cfg.n_image_tokens} tokens per tile")
+    cfg = build_from_hf(
+        args.vision,
+        args.language,
+        args.out,
+        seed=args.seed,
+        dtype=args.dtype,
+        **{k: v for k, v in settings.items() if v is not None},
+    )
+    files = f"{CONFIG_FILE} + {WEIGHTS_FILE}" + (
+        f" + {TOKENIZER_FILE}" if (Path(args.out) / TOKENIZER_FILE).is_file() else " (no tokenizer)"
+    )
+    print(
+        f"wrote nanoVLM checkpoint {args.out} ({files}): ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "
+        f"LM {cfg.lm_n_blocks} x {cfg.lm_hidden_dim}, vocabulary {cfg.lm_base_vocab_size} + {cfg.extra_token_amount} extra"
+        f"{'' if cfg.lm_tie_weights else ', untied head'}, {cfg.n_image_tokens} tokens per tile"
+    )
     return 0
 
 
@@ -192,5 +201,6 @@ def main(argv=None) -> int:
     return run(build_parser, argv)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """`python -m conversion`."""
     exit_with(main())

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import sys
 import time
@@ -23,15 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from conversion.config import OptimConfig, VLMConfig
+from conversion.config import VLMConfig
+from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
+from conversion.recipe import OptimConfig
 
-from .layers import ModelDtypes
+from .options import ModelOptions
 from .sharding import MeshConfig
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +57,8 @@ class RunConfig:
     weight_decay: float = 0.01
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
     remat: bool = False
+    remat_policy: str | None = None  # with remat: a jax.checkpoint_policies name (jaxvlm.options.REMAT_POLICIES)
+    kernels: str = "auto"  # auto (by backend) | xla_cpu | plain: see jaxvlm.kernels
     seed: int = 0
     max_length: int = 1024
     seq_buckets: tuple[int, ...] | None = None
@@ -81,15 +81,30 @@ class RunConfig:
     process_id: int | None = None
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(lr_mp=self.lr_mp, lr_vision_backbone=self.lr_vision_backbone,
-                           lr_language_backbone=self.lr_language_backbone, max_training_steps=self.steps,
-                           max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay)
+        return OptimConfig(
+            lr_mp=self.lr_mp,
+            lr_vision_backbone=self.lr_vision_backbone,
+            lr_language_backbone=self.lr_language_backbone,
+            max_training_steps=self.steps,
+            max_grad_norm=self.max_grad_norm,
+            weight_decay=self.weight_decay,
+        )
+
+    def model_options(self) -> ModelOptions:
+        """fp32 master weights; the compute dtype, remat and kernels as asked."""
+        return ModelOptions(
+            param_dtype=jnp.float32,
+            compute_dtype=self.dtype,
+            remat=self.remat,
+            remat_policy=self.remat_policy,
+            kernels=self.kernels,
+        )
 
     def mesh(self) -> MeshConfig:
         return MeshConfig(data=self.mesh_data, fsdp=self.mesh_fsdp, tensor=self.mesh_tensor)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "RunConfig":
+    def from_file(cls, path: str | Path, **overrides) -> RunConfig:
         data = json.loads(Path(path).read_text())
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -99,30 +114,24 @@ class RunConfig:
 
 # ---- building blocks ---------------------------------------------------------------------------
 def build_model(run: RunConfig):
-    from .checkpoint import load_nanovlm
+    from .pretrained import load_nanovlm
     from .vision_language_model import VisionLanguageModel
 
-    dtypes = ModelDtypes(param=jnp.float32, compute=DTYPES[run.dtype])
+    options = run.model_options()
     if run.init_from_hf_vision or run.init_from_hf_language:
-        model = _model_from_hf(run, dtypes)
-        if run.remat:
-            model.vision_encoder.remat = model.decoder.remat = True
-        return model
+        return _model_from_hf(run, options)
     if run.init_from:
-        model = load_nanovlm(run.init_from, dtypes=dtypes)
-        if run.remat:
-            model.vision_encoder.remat = model.decoder.remat = True
-        return model
+        return load_nanovlm(run.init_from, options=options)
     cfg = VLMConfig.preset(run.preset, **(run.model or {}))
-    return VisionLanguageModel(cfg, dtypes=dtypes, remat=run.remat, rngs=nnx.Rngs(run.seed))
+    return VisionLanguageModel(cfg, options=options, rngs=nnx.Rngs(run.seed))
 
 
-def _model_from_hf(run: RunConfig, dtypes: ModelDtypes):
+def _model_from_hf(run: RunConfig, options: ModelOptions):
     """The VLM built in memory from two Hugging Face backbone directories (`conversion.hf`):
     new embedding rows and the projector drawn with `run.seed`."""
     from conversion.hf import from_hf
 
-    from .checkpoint import model_from_torch_tensors
+    from .pretrained import model_from_torch_tensors
 
     if not (run.init_from_hf_vision and run.init_from_hf_language) or run.init_from:
         raise ValueError("--init-from-hf-vision and --init-from-hf-language go together, and not with --init-from")
@@ -138,8 +147,9 @@ def _model_from_hf(run: RunConfig, dtypes: ModelDtypes):
         if not isinstance(settings, dict):
             raise ValueError("--init-from-hf-settings: not a JSON object")
     cfg, tensors = from_hf(run.init_from_hf_vision, run.init_from_hf_language, seed=run.seed, **settings)
-    return model_from_torch_tensors(cfg, tensors, dtypes=dtypes,
-                                    source=f"{run.init_from_hf_vision} + {run.init_from_hf_language}")
+    return model_from_torch_tensors(
+        cfg, tensors, options=options, source=f"{run.init_from_hf_vision} + {run.init_from_hf_language}"
+    )
 
 
 def tokenizer_path(run: RunConfig) -> Path:
@@ -173,10 +183,19 @@ def build_dataset(run: RunConfig, cfg: VLMConfig, encoder, split: str = "train")
 def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
     from .data import DataLoader
 
-    return DataLoader(dataset, run.batch_size, seq_buckets=run.seq_buckets, max_length=run.max_length,
-                      shuffle=shuffle, seed=run.seed, shape_group=run.grad_accum,
-                      on_error=run.on_error, on_too_long=run.on_too_long,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+    return DataLoader(
+        dataset,
+        run.batch_size,
+        seq_buckets=run.seq_buckets,
+        max_length=run.max_length,
+        shuffle=shuffle,
+        seed=run.seed,
+        shape_group=run.grad_accum,
+        on_error=run.on_error,
+        on_too_long=run.on_too_long,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def stack_group(micro_batches: list[dict]) -> dict:
@@ -243,12 +262,12 @@ class Progress:
 # ---- the run ------------------------------------------------------------------------------------
 def train(run: RunConfig) -> dict[str, Any]:
     """Train as `run` says; returns a summary (final loss, steps, time, tokens/s, paths)."""
-    from .checkpoint import save_nanovlm
-    from .checkpointing import TrainCheckpoints
     from .data import SampleEncoder
+    from .pretrained import save_nanovlm
     from .sharding import initialize_distributed, make_mesh
     from .tokenizer import load_tokenizer
     from .train import Trainer
+    from .train_checkpoints import TrainCheckpoints
 
     initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)  # before any device use
     primary = jax.process_index() == 0  # writes the side files; every process writes its checkpoint shards
@@ -256,7 +275,9 @@ def train(run: RunConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose a new --output-dir"
+        )
 
     model = build_model(run)
     cfg = model.cfg
@@ -299,14 +320,23 @@ def train(run: RunConfig) -> dict[str, Any]:
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is saved from here on
                 good = checkpoints.latest_step()
                 what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-                raise FloatingPointError(f"{what} at step {step + 1}; stopped. Last good checkpoint: "
-                                         + (str(ckpt_dir / str(good)) if good is not None else "none saved yet"))
+                raise FloatingPointError(
+                    f"{what} at step {step + 1}; stopped. Last good checkpoint: "
+                    + (str(ckpt_dir / str(good)) if good is not None else "none saved yet")
+                )
             step += 1
             n_tok = int(m["tokens"])
             tokens += n_tok
-            last = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": n_tok,
-                    "tokens_per_s": n_tok / dt, "step_time_s": dt, "seq_len": int(group["input_ids"].shape[-1]),
-                    **{k: float(v) for k, v in m.items() if k.startswith("lr_")}}
+            last = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "tokens": n_tok,
+                "tokens_per_s": n_tok / dt,
+                "step_time_s": dt,
+                "seq_len": int(group["input_ids"].shape[-1]),
+                **{k: float(v) for k, v in m.items() if k.startswith("lr_")},
+            }
             if step % run.log_every == 0 or step == run.steps:
                 metrics.add(last)
             progress.update(step, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
@@ -324,26 +354,21 @@ def train(run: RunConfig) -> dict[str, Any]:
 
     final = out / "model"
     final_model = trainer.host_model(state)  # gathered from every process's shards
-    summary = {"steps": step, "final_loss": last.get("loss"), "train_time_s": elapsed,
-               "tokens_per_s": tokens / elapsed if elapsed else None, "compiles": trainer.compiles,
-               "model_dir": str(final), "interrupted": stop.requested}
+    summary = {
+        "steps": step,
+        "final_loss": last.get("loss"),
+        "train_time_s": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "compiles": trainer.compiles,
+        "model_dir": str(final),
+        "interrupted": stop.requested,
+    }
     if primary:
         save_nanovlm(final_model, final)
-        copy_tokenizer(tok_path, final)
+        copy_tokenizer(tok_path, final, replace=False)
         metrics.plot(out / "loss_curve.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Put the tokenizer beside the weights (a tokenizer.json file, or a directory's tokenizer files)."""
-    src = Path(src)
-    if src.is_file():
-        shutil.copyfile(src, dst / TOKENIZER_FILE)
-        src = src.parent
-    for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).is_file() and not (dst / name).exists():
-            shutil.copyfile(src / name, dst / name)
 
 
 class _StopFlag:

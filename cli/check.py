@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint
-from .config import VLMConfig
+from conversion.config import VLMConfig
+from conversion.pretrained import TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint
 
 
 def load_both(directory: Path):
     """(cfg, torch_ref model, jaxvlm model) from a nanoVLM directory or an orbax checkpoint."""
     import torch_ref
-    from jaxvlm.checkpoint import flat_state, load_orbax, model_from_torch_tensors
-
-    from .mapping import jax_to_torch
+    from conversion.mapping import jax_to_torch
+    from jaxvlm.pretrained import flat_state, load_orbax, model_from_torch_tensors
 
     if (directory / WEIGHTS_FILE).is_file():
         cfg, tensors = read_checkpoint(directory)
@@ -25,7 +24,9 @@ def load_both(directory: Path):
         jmodel = load_orbax(directory)
         cfg = jmodel.cfg
         tensors = jax_to_torch(cfg, flat_state(jmodel), source=str(directory))
-    tmodel = torch_ref.VisionLanguageModel.from_state(cfg, {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}, source=str(directory))
+    tmodel = torch_ref.VisionLanguageModel.from_state(
+        cfg, {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}, source=str(directory)
+    )
     return cfg, tmodel.eval(), jmodel
 
 
@@ -44,10 +45,15 @@ def random_inputs(cfg: VLMConfig, batch_size: int, seq_len: int, seed: int):
         if start + k * (L + 1) > seq_len:
             raise ValueError(f"--seq-len {seq_len} is too short for {k} images of {L} tokens")
         for i in range(k):
-            ids[b, start + i * (L + 1): start + i * (L + 1) + L] = cfg.image_token_id
+            ids[b, start + i * (L + 1) : start + i * (L + 1) + L] = cfg.image_token_id
         n_images += k
     images = rng.random((n_images, 3, cfg.vit_img_size, cfg.vit_img_size), dtype=np.float32) if n_images else None
-    return ids.astype(np.int32), images, mask, f"random: batch {batch_size} x {seq_len} tokens, left padding, {n_images} images (seed {seed})"
+    return (
+        ids.astype(np.int32),
+        images,
+        mask,
+        f"random: batch {batch_size} x {seq_len} tokens, left padding, {n_images} images (seed {seed})",
+    )
 
 
 def prompt_inputs(cfg: VLMConfig, directory: Path, images: list[str], prompt: str, tokenizer: str | None):
@@ -68,7 +74,9 @@ def prompt_inputs(cfg: VLMConfig, directory: Path, images: list[str], prompt: st
     return ids, pixel, np.ones_like(ids), f"prompt {prompt!r} with {len(images or [])} image(s), {ids.shape[1]} tokens"
 
 
-def compare_frameworks(directory: Path, *, image=None, prompt=None, tokenizer=None, batch_size=2, seq_len=512, seed=0) -> dict:
+def compare_frameworks(
+    directory: Path, *, image=None, prompt=None, tokenizer=None, batch_size=2, seq_len=512, seed=0
+) -> dict:
     import jax
     import torch
 
@@ -83,8 +91,15 @@ def compare_frameworks(directory: Path, *, image=None, prompt=None, tokenizer=No
     else:
         ids, images, mask, desc = random_inputs(cfg, batch_size, seq_len, seed)
     with torch.no_grad():
-        t_logits = tmodel(torch.as_tensor(ids).long(), None if images is None else torch.as_tensor(images),
-                          torch.as_tensor(mask).long())[0].float().numpy()
+        t_logits = (
+            tmodel(
+                torch.as_tensor(ids).long(),
+                None if images is None else torch.as_tensor(images),
+                torch.as_tensor(mask).long(),
+            )[0]
+            .float()
+            .numpy()
+        )
     j_logits = np.asarray(jaxvlm.forward(jmodel, ids, images, mask), dtype=np.float32)
     valid = mask.astype(bool)
     t, j = t_logits[valid].astype(np.float64), j_logits[valid].astype(np.float64)

@@ -6,7 +6,6 @@ in `conversion.mapping` does the rest, in both directions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -14,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.checkpoint import CONFIG_FILE, read_checkpoint, read_config, write_checkpoint
 from conversion.config import VLMConfig
-from conversion.mapping import check_keys, jax_to_torch, mapping, torch_to_jax
+from conversion.mapping import check_keys, jax_to_torch, torch_to_jax
+from conversion.pretrained import CONFIG_FILE, read_checkpoint, read_config, write_checkpoint
 from conversion.safetensors_io import CheckpointError
 
-from .layers import ModelDtypes
+from .options import ModelOptions
 
 ORBAX_STATE_DIR = "state"
 
@@ -40,16 +39,22 @@ def load_flat_state(model: nnx.Module, flat: dict[tuple, np.ndarray], *, source:
     nnx.update(model, state)
 
 
-def abstract_model(cfg: VLMConfig, dtypes: ModelDtypes = ModelDtypes()):
+def abstract_model(cfg: VLMConfig, options: ModelOptions = ModelOptions()):
     from .vision_language_model import VisionLanguageModel
 
-    return nnx.eval_shape(lambda: VisionLanguageModel(cfg, dtypes=dtypes, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: VisionLanguageModel(cfg, options=options, rngs=nnx.Rngs(0)))
 
 
-def model_from_torch_tensors(cfg: VLMConfig, tensors: dict[str, np.ndarray], *, dtypes: ModelDtypes = ModelDtypes(), source: str = "checkpoint"):
+def model_from_torch_tensors(
+    cfg: VLMConfig,
+    tensors: dict[str, np.ndarray],
+    *,
+    options: ModelOptions = ModelOptions(),
+    source: str = "checkpoint",
+):
     """Build a jaxvlm model from checkpoint tensors (torch layout, file keys) without random init."""
     flat = torch_to_jax(cfg, tensors, source=source)
-    model = abstract_model(cfg, dtypes)
+    model = abstract_model(cfg, options)
     _materialise(model)
     load_flat_state(model, flat, source=source)
     return model
@@ -63,9 +68,9 @@ def _materialise(model: nnx.Module) -> None:
     nnx.update(model, state)
 
 
-def load_nanovlm(directory, *, dtypes: ModelDtypes = ModelDtypes(), strict_config: bool = True):
+def load_nanovlm(directory, *, options: ModelOptions = ModelOptions(), strict_config: bool = True):
     cfg, tensors = read_checkpoint(directory, strict_config=strict_config)
-    return model_from_torch_tensors(cfg, tensors, dtypes=dtypes, source=str(directory))
+    return model_from_torch_tensors(cfg, tensors, options=options, source=str(directory))
 
 
 def save_nanovlm(model, directory) -> None:
@@ -86,7 +91,7 @@ def save_orbax(model, directory: str | Path) -> None:
     model.cfg.to_json(directory / CONFIG_FILE)
 
 
-def load_orbax(directory: str | Path, *, dtypes: ModelDtypes = ModelDtypes()):
+def load_orbax(directory: str | Path, *, options: ModelOptions = ModelOptions()):
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -94,7 +99,7 @@ def load_orbax(directory: str | Path, *, dtypes: ModelDtypes = ModelDtypes()):
     state_dir = directory / ORBAX_STATE_DIR
     if not state_dir.is_dir():
         raise CheckpointError(f"{directory} has no orbax state directory '{ORBAX_STATE_DIR}/'")
-    model = abstract_model(cfg, dtypes)
+    model = abstract_model(cfg, options)
     graphdef, abstract_state = nnx.split(model)
     try:
         with ocp.StandardCheckpointer() as ckptr:

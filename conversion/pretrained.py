@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ from .safetensors_io import CheckpointError, load_safetensors, save_safetensors
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# The tokenizer files a pretrained directory may carry beside the weights (tokenizer.json first).
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
 
 
 def read_config(directory: str | Path, *, strict: bool = True) -> VLMConfig:
@@ -67,3 +72,18 @@ def write_checkpoint(directory: str | Path, cfg: VLMConfig, tensors: dict[str, n
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path, *, replace: bool = True) -> None:
+    """Copy the tokenizer files (`TOKENIZER_FILES`) of `src` into the directory `dst`.
+
+    `src` is a directory or a tokenizer.json file (whose siblings are copied too). With
+    `replace=False` a file already in `dst` is kept (only tokenizer.json of a file `src` is
+    always copied)."""
+    src, dst = Path(src), Path(dst)
+    if src.is_file():
+        shutil.copyfile(src, dst / TOKENIZER_FILE)
+        src, replace = src.parent, False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and (replace or not (dst / name).exists()):
+            shutil.copyfile(src / name, dst / name)

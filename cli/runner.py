@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # CheckpointError is a ValueError; FloatingPointError is a diverged training run.
 INPUT_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)

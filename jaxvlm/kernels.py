@@ -1,0 +1,99 @@
+"""The model's compute kernels, chosen by backend: linear (matmul), patch embedding, attention
+and token loss.
+
+The model never branches on the backend: each module holds a `Kernels` record (from
+`select`, via `ModelOptions.kernels`) and calls `kernels.matmul(...)`, `kernels.attention(...)`.
+Two implementations exist, tested equal in forward and every gradient (tests/test_kernels.py):
+
+  plain    autodiff of the textbook forms and `jax.nn.dot_product_attention`: what GPU and TPU
+           compilers fuse well (the accelerator work tunes these further)
+  xla_cpu  forms with hand-written backwards tuned for XLA:CPU (`jaxvlm.xla_cpu_kernels`)
+
+`select("auto")` takes `xla_cpu` on the CPU backend and `plain` everywhere else.
+
+Shapes: B batch, Tq/Tk query/key length, nh/nkv query/key-value heads, hd head dim, V vocabulary,
+N_img images, S image side, P patch size, D vision width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import xla_cpu_kernels
+from .attention import attention_bias
+
+
+def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., I] @ w [I, O]."""
+    return x @ w
+
+
+def plain_patch_embed(images: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """The stride-P convolution: float[N_img, 3, S, S], kernel [P, P, 3, D] (HWIO), bias [D]
+    -> float[N_img, (S/P)^2, D], patches in row-major order."""
+    p = kernel.shape[0]
+    y = jax.lax.conv_general_dilated(images, kernel, (p, p), "VALID", dimension_numbers=("NCHW", "HWIO", "NHWC"))
+    return y.reshape(y.shape[0], -1, y.shape[-1]) + bias
+
+
+def plain_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    attention_mask: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Scaled dot-product attention, scale 1/sqrt(hd), softmax in float32.
+
+    Args:
+      q: [B, Tq, nh, hd]; k, v: [B, Tk, nkv, hd], nh % nkv == 0. Key head j serves query heads
+        j*g .. j*g+g-1 (g = nh/nkv), the same grouping as torch's `repeat_interleave`.
+      causal, attention_mask, q_offset: see `jaxvlm.attention.attention_bias`.
+    Returns:
+      [B, Tq, nh, hd] in q's dtype.
+    """
+    bias = attention_bias(attention_mask, causal=causal, q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
+def plain_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target]: float32[..., V], int[...] -> float32[...]."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One implementation of each kernel the model asks for (signatures as the plain ones)."""
+
+    name: str
+    matmul: Callable
+    patch_embed: Callable
+    attention: Callable
+    token_nll: Callable
+
+
+PLAIN = Kernels("plain", plain_matmul, plain_patch_embed, plain_attention, plain_token_nll)
+XLA_CPU = Kernels(
+    "xla_cpu",
+    xla_cpu_kernels.matmul,
+    xla_cpu_kernels.patch_embed,
+    xla_cpu_kernels.attention,
+    xla_cpu_kernels.token_nll,
+)
+IMPLEMENTATIONS = {k.name: k for k in (PLAIN, XLA_CPU)}
+CHOICES = ("auto", *IMPLEMENTATIONS)
+
+
+def select(name: str = "auto") -> Kernels:
+    """The kernels called `name`; "auto": `xla_cpu` on the CPU backend, `plain` elsewhere."""
+    if name == "auto":
+        name = "xla_cpu" if jax.default_backend() == "cpu" else "plain"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernels {name!r}; choose one of {', '.join(CHOICES)}")
+    return IMPLEMENTATIONS[name]

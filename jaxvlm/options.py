@@ -1,0 +1,70 @@
+"""How a model is built, as opposed to what it is (that is the `VLMConfig`): dtypes, remat and
+the kernel implementation. Passed to `VisionLanguageModel(cfg, options=...)`, to every
+submodule's constructor and to `from_pretrained`; never set on a model after construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .kernels import CHOICES as KERNEL_CHOICES
+from .kernels import Kernels, select
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# jax.checkpoint_policies that are policies themselves (not factories taking names)
+REMAT_POLICIES = (
+    "everything_saveable",
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """`param_dtype`: storage dtype of the weights (fp32 master weights for training);
+    `compute_dtype`: dtype of activations and matmuls (bf16 on accelerators). Norms, softmax,
+    RoPE and the loss always compute in float32.
+
+    `remat`: recompute each ViT and decoder block's activations in the backward pass (less
+    memory); `remat_policy`: what a rematerialised block may keep instead, a name from
+    `jax.checkpoint_policies` (`REMAT_POLICIES`; None: keep nothing).
+
+    `kernels`: "auto" (by backend), "xla_cpu" or "plain"; see `jaxvlm.kernels`."""
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: str | None = None
+    kernels: str = "auto"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            dtype = DTYPES.get(value) if isinstance(value, str) else value
+            if dtype is None or jnp.dtype(dtype) not in (jnp.dtype(d) for d in DTYPES.values()):
+                raise ValueError(f"ModelOptions.{name} {value!r}: choose one of {', '.join(DTYPES)}")
+            object.__setattr__(self, name, jnp.dtype(dtype))
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"ModelOptions.remat must be true or false, got {self.remat!r}")
+        if self.remat_policy is not None:
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(f"remat policy {self.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}")
+            if not self.remat:
+                raise ValueError(f"remat policy {self.remat_policy!r} given without remat")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+
+    def select_kernels(self) -> Kernels:
+        return select(self.kernels)
+
+    def rematerialise(self, fn):
+        """`fn` under `nnx.remat` with the policy when remat is on, else `fn` itself."""
+        if not self.remat:
+            return fn
+        policy = None if self.remat_policy is None else getattr(jax.checkpoint_policies, self.remat_policy)
+        return nnx.remat(fn, policy=policy)
