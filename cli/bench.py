@@ -6,7 +6,10 @@ seeded batch:
 
   matmul        fp32 GEMM throughput of this machine (best of jax / torch / numpy) and the
                 memory bandwidth (a large array copy): the yardsticks for MFU and decode
-  jax-train     the jitted jaxvlm train step (AdamW, clipping, upstream's recipe), fp32
+  jax-train     the jitted jaxvlm train step (AdamW, clipping, upstream's recipe), fp32, with the
+                kernels `jaxvlm.kernels` picks for this backend (xla_cpu on a CPU)
+  jax-train-plain  the same step with the plain kernels (autodiff, jax.nn.dot_product_attention):
+                what the backend's tuned kernels buy, measured side by side
   torch-train   torch_ref's eager train step (the same recipe)
   torch-compile torch_ref's step with the model under torch.compile
   jax-decode    jaxvlm.generate, greedy, batch 1 and 8: decode tokens/s
@@ -14,15 +17,15 @@ seeded batch:
 
 Host memory (`--host-memory`, see jaxvlm.host_memory): `tuned` (default) runs each framework
 under the glibc malloc setting that suits it: jaxvlm with huge-page scratch buffers (what the
-jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest: 7.3 s vs 7.8 s with
-glibc's defaults and 8.7 s with huge pages on the 222m step here). `default` runs every part with
+jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest where measured: see
+docs/performance.md). `default` runs every part with
 glibc's defaults. The report names each part's setting.
 
 Step times are medians over --steps after warm-up; compile time is the first call's time minus
 a step's. MFU = model FLOPs per step (analytic: 3x the forward's matmul and attention FLOPs)
 / step time / measured matmul FLOP/s: against the best 2048^3 fp32 GEMM any framework reached
 in the matmul part (the headline), and against the contender's own framework's GEMM (jax's
-for jaxvlm, torch's for torch_ref; on this CPU torch's GEMM is half as fast as jax's).
+for jaxvlm, torch's for torch_ref).
 The decode bound is the decoder's parameter bytes (read once per token; the ViT is not read
 while decoding) over the read bandwidth measured in the matmul part (the faster of a 1 GiB
 reduction in jax and in torch). The labels cover every text position, so jaxvlm's
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -46,7 +50,7 @@ import numpy as np
 
 from conversion.recipe import IGNORE_INDEX
 
-PARTS = ("matmul", "jax-train", "torch-train", "torch-compile", "jax-decode", "torch-decode")
+PARTS = ("matmul", "jax-train", "jax-train-plain", "torch-train", "torch-compile", "jax-decode", "torch-decode")
 
 
 # ---- shared inputs ---------------------------------------------------------------------------------
@@ -78,6 +82,17 @@ def forward_flops(cfg, batch_size: int, seq_len: int, n_images: int) -> float:
         cfg.lm_n_blocks * (2 * H * H * 2 + 2 * H * kv * 2 + 3 * 2 * H * I + 2 * 2 * T * H) + 2 * H * cfg.lm_vocab_size
     )
     return float(n_images * (vit + mp) + batch_size * T * per_token)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (figures hold for the machine they were measured on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
@@ -162,14 +177,16 @@ def jax_train_setup(model, cfg, batch_size: int, seq_len: int, images_per_sample
     return trainer, state, trainer.place_batch(group)
 
 
-def part_jax_train(args, cfg) -> dict:
+def part_jax_train(args, cfg, kernels: str = "auto") -> dict:
     import jax
 
+    from jaxvlm.options import ModelOptions
     from jaxvlm.pretrained import load_nanovlm
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    model = load_nanovlm(args.checkpoint, options=ModelOptions(kernels=kernels))
     trainer, state, batch = jax_train_setup(
-        load_nanovlm(args.checkpoint), cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed
+        model, cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed
     )
     holder = {"state": state}
     del state
@@ -180,7 +197,7 @@ def part_jax_train(args, cfg) -> dict:
         losses.append(float(m["loss"]))
 
     out = timed(step, args.steps, warmup=2)
-    return {**out, "losses": losses[:3], "compiles": trainer.compiles}
+    return {**out, "losses": losses[:3], "compiles": trainer.compiles, "kernels": model.decoder.kernels.name}
 
 
 def part_torch_train(args, cfg, compiled: bool = False) -> dict:
@@ -263,6 +280,7 @@ def run_part(name: str, args) -> dict:
     fn = {
         "matmul": part_matmul,
         "jax-train": part_jax_train,
+        "jax-train-plain": lambda a, c: part_jax_train(a, c, kernels="plain"),
         "torch-train": part_torch_train,
         "torch-compile": lambda a, c: part_torch_train(a, c, compiled=True),
         "jax-decode": lambda a, c: part_decode(a, c, "jax"),
@@ -413,7 +431,7 @@ def summarise(cfg, args, r: dict) -> dict:
     flops = 3 * forward_flops(cfg, args.batch_size, args.seq_len, args.batch_size * args.images_per_sample)
     peak = r.get("matmul", {}).get("peak_gflops")
     out = {
-        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "preset": args.preset if not args.config else args.config,
         "shape": {
             "batch_size": args.batch_size,
@@ -427,7 +445,7 @@ def summarise(cfg, args, r: dict) -> dict:
         "train": {},
         "decode": {},
     }
-    for name in ("jax-train", "torch-train", "torch-compile"):
+    for name in ("jax-train", "jax-train-plain", "torch-train", "torch-compile"):
         if name in r:
             t = r[name]["step_s_median"]
             out["train"][name] = {
@@ -437,13 +455,13 @@ def summarise(cfg, args, r: dict) -> dict:
                 "peak_rss_mb": r[name]["peak_rss_mb"],
                 "mfu_vs_measured_matmul": (flops / t / 1e9 / peak) if peak else None,
                 "mfu_vs_own_framework_matmul": (flops / t / 1e9 / own)
-                if (own := r.get("matmul", {}).get("gflops_jax" if name == "jax-train" else "gflops_torch"))
+                if (own := r.get("matmul", {}).get("gflops_jax" if name.startswith("jax") else "gflops_torch"))
                 else None,
                 "first_losses": r[name]["losses"],
             }
     if "jax-train" in r:
         j = out["train"]["jax-train"]["step_s"]
-        for name in ("torch-train", "torch-compile"):
+        for name in ("jax-train-plain", "torch-train", "torch-compile"):
             if name in out["train"]:
                 out["train"][name]["jaxvlm_speedup"] = out["train"][name]["step_s"] / j
     # The read-only bandwidth when measured (a copy's read + write rate otherwise, older runs).
@@ -474,7 +492,7 @@ def markdown(rep: dict) -> str:
     s = rep["shape"]
     lines = [
         f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
-        f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine']['cpus']} CPUs, "
+        f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine'].get('cpu', '?')}, {rep['machine']['cpus']} CPUs, "
         f"load average {rep['machine']['load_average'][0]:.1f}"
     ]
     lines.append("host memory (glibc malloc): " + "; ".join(f"{k} {v}" for k, v in rep.get("host_memory", {}).items()))

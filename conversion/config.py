@@ -1,6 +1,6 @@
 """The one model configuration, shared by `jaxvlm`, `torch_ref` and `conversion`.
 
-Field names are exactly nanoVLM's `config.json` fields (reference section 3), so a config
+Field names are exactly nanoVLM's `config.json` fields (docs/conventions.md, "Config"), so a config
 written by upstream loads here and one written here loads in upstream. Unlike upstream,
 nothing is computed at import time and the dataclass is frozen: derived numbers (head dims,
 patch count, image-token id) are properties and cannot disagree with the fields.

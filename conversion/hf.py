@@ -1,4 +1,4 @@
-"""A nanoVLM checkpoint from local Hugging Face backbones (reference section 7).
+"""A nanoVLM checkpoint from local Hugging Face backbones (docs/conventions.md, "Hugging Face backbones").
 
     cfg = build_from_hf("siglip_dir", "smollm2_dir", "out_dir", mp_pixel_shuffle_factor=2, seed=0)
     cfg, tensors = from_hf("siglip_dir", "smollm2_dir")        # the same, in memory

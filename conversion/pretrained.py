@@ -1,4 +1,4 @@
-"""The nanoVLM checkpoint directory: `config.json` + `model.safetensors` (reference section 2).
+"""The nanoVLM checkpoint directory: `config.json` + `model.safetensors` (docs/conventions.md, "Pretrained directory").
 
 Framework-free (numpy + safetensors): `torch_ref` and `jaxvlm` both read and write through
 here, so both are equally strict. Reading validates everything before returning; writing

@@ -18,7 +18,7 @@ GROUPS = {"MP": "mp", "vision_encoder": "vision", "decoder": "language"}
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Upstream's recipe (docs/conventions.md, \"Training recipe\"). A group whose lr is 0 is frozen: it gets no
+    """Upstream's recipe (docs/conventions.md, "Training recipe"). A group whose lr is 0 is frozen: it gets no
     gradient, takes no part in clipping and keeps no optimizer state."""
 
     lr_mp: float = 5.12e-3

@@ -1,30 +1,22 @@
 """Back XLA:CPU's per-execution scratch buffers with transparent huge pages (glibc).
 
-XLA:CPU allocates every execution's scratch buffer (3.4 GB for the nanovlm-222m train step at
-batch 4 x 256) with `posix_memalign`. glibc serves a request that large with a fresh `mmap` and
-`munmap`s it when freed, so every step faults 820k pages of 4 KiB back in: 1.3 s of kernel time
-per step on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1`, such mappings are advised
-to use transparent huge pages (2 MiB): 500x fewer faults, and the step goes 4.65 -> 3.94 s
-(`python -m cli.profile_step`, this 2-core machine; kernel time 1.3 -> 0.2 s per step).
-The weights land in huge pages too, which helps decoding, where every token streams them:
-batch-1 greedy decode of nanovlm-222m 56.9 -> 64.0 tokens/s (fewer TLB misses).
+Why: XLA:CPU allocates every execution's scratch buffer (gigabytes for a full-size train step)
+with `posix_memalign`; glibc serves a request that large with a fresh `mmap` and unmaps it when
+freed, so every step faults the whole buffer back in, 4 KiB at a time. With glibc's tunable
+`glibc.malloc.hugetlb=1` such mappings are advised to use transparent huge pages (2 MiB), and
+the weights land in huge pages too (fewer TLB misses while decoding streams them). Measured
+effects, and the alternatives tried, are in docs/performance.md ("Host memory").
 
 glibc reads tunables only when a process starts, so the `jaxvlm` CLI re-executes itself once with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` added, for train, eval and generate (`jaxvlm bench` sets
-each part's environment itself); that costs one more interpreter start (~1 s). A script using
-jaxvlm as a library sets it itself:
+each part's environment itself); that costs one more interpreter start. A script using jaxvlm as
+a library sets it itself:
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_train.py
 
 It needs Linux with transparent huge pages in `madvise` or `always` mode and glibc >= 2.35; it
-does nothing elsewhere, and `JAXVLM_HUGE_PAGES=0` turns it off.
-
-Measured and not chosen: keeping freed memory in the heap instead (mallopt: one arena, no mmap,
-no trimming) gave 4.0 s, but glibc's `posix_memalign` then cannot always reuse a freed scratch
-buffer and the heap grew by one more scratch buffer every few calls. torch_ref's eager step is
-slower with huge pages (7.8 -> 8.7 s: it maps and frees many mid-sized tensors) and faster with
-that heap policy (7.3 s; its batch-8 decode too: 109 -> 143 tokens/s, batch 1 unchanged at ~25);
-the bench gives each framework the one that suits it (see bench.py).
+does nothing elsewhere, and `JAXVLM_HUGE_PAGES=0` turns it off. torch_ref does better with freed
+memory kept in the heap instead (`HEAP_RETAINING_ENV`), which the bench gives it.
 """
 
 from __future__ import annotations

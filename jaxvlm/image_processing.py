@@ -1,7 +1,7 @@
 """Images for nanoVLM: loading, resizing, splitting into tiles, and the image-token string.
 
 Reproduces upstream nanoVLM's `get_image_processor` (DynamicResize -> ToTensor ->
-GlobalAndSplitImages) and `get_image_string` (reference sections 4 and 5) with pillow and numpy.
+GlobalAndSplitImages) and `get_image_string` (docs/conventions.md, "Tokenizer and prompts" and "Images") with pillow and numpy.
 
 Shapes: S tile side (`vit_img_size`), M `max_img_size`, n_h x n_w the tile grid,
 n = n_h * n_w tiles plus one global view when the grid is larger than 1x1.

@@ -6,7 +6,7 @@ extra_special_tokens=cfg.vlm_extra_tokens, chat_template=cfg.lm_chat_template)` 
 
 - the extra tokens are appended as special tokens after the base vocabulary, in the order
   given, so with SmolLM2 `<|image|>` = 49152, `<|global_image|>` = 49153,
-  `<row_1_col_1>` = 49154 ... `<row_8_col_8>` = 49217 (reference section 4);
+  `<row_1_col_1>` = 49154 ... `<row_8_col_8>` = 49217 (docs/conventions.md, "Tokenizer and prompts");
 - the chat template is the fixed ChatML template of `VLMConfig.lm_chat_template`, written out
   in Python (no jinja2): per message `<|im_start|>{role}\\n{content}<|im_end|>\\n`, then
   `<|im_start|>assistant\\n` when a generation prompt is asked for. The template stored in the

@@ -8,7 +8,9 @@ inline with `-s`, and as one end-of-run section by `pytest_terminal_summary` unl
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -267,7 +270,7 @@ def make_batch(cfg: VLMConfig, rows: list[tuple[int, int]], T: int, seed: int, *
     return ids, images, mask
 
 
-# ---- upstream facts (reference section 3 and upstream's models/*.py) ---------------------------
+# ---- upstream facts (docs/conventions.md, "Config", and upstream's models/*.py) ---------------------------
 # The fields of upstream's current VLMConfig, i.e. the keys of the config.json its
 # save_pretrained writes (`json.dumps(asdict(cfg))`), in upstream's order.
 UPSTREAM_CONFIG_FIELDS = (
@@ -286,3 +289,55 @@ def upstream_config_dict(cfg: VLMConfig) -> dict:
     d = {name: getattr(cfg, name) for name in UPSTREAM_CONFIG_FIELDS}
     d["vlm_extra_tokens"] = dict(cfg.vlm_extra_tokens)
     return d
+
+
+# ---- bad-input and fault tests (tests/test_bad_input_*.py) -------------------------------------
+SHARED = ROOT.parent / "shared"
+SMOLLM2 = SHARED / "data" / "smollm2"
+needs_tokenizer = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file(),
+    reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)",
+)
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> bytes): to show that nothing changed."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def truncate(path: Path, keep: float = 0.5):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+def fail_weights(monkeypatch):
+    """safetensors writes half of the file, then the disk is full."""
+    import safetensors.numpy
+
+    real = safetensors.numpy.save_file
+
+    def save_file(arrays, filename, metadata=None):
+        real(arrays, filename, metadata=metadata)
+        truncate(Path(filename))
+        raise ENOSPC
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+
+
+def run_cli(*args, env=None, timeout=240):
+    """Run `python -m ...` from the repository root; (exit code, stdout, stderr lines)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return p.returncode, p.stdout, [line for line in p.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's training runs (same shapes)."""
+    d = tmp_path_factory.mktemp("jax_cache")
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(d),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }

@@ -31,6 +31,7 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
         "--parts",
         "matmul",
         "jax-train",
+        "jax-train-plain",
         "torch-train",
         "jax-decode",
         "torch-decode",
@@ -55,7 +56,7 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     assert m["peak_gflops"] == max(m["gflops_jax"], m["gflops_torch"], m["gflops_numpy"])
 
     train = rep["train"]
-    assert set(train) == {"jax-train", "torch-train"}
+    assert set(train) == {"jax-train", "jax-train-plain", "torch-train"}
     for t in train.values():
         for key in (
             "step_s",
@@ -67,9 +68,12 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
         ):
             assert t[key] >= 0 and math.isfinite(t[key]), key
     assert train["torch-train"]["jaxvlm_speedup"] > 0
+    assert train["jax-train-plain"]["jaxvlm_speedup"] > 0
+    assert rep["machine"]["cpu"] and rep["machine"]["cpu"] in proc.stdout  # every table names its CPU
     # Identical weights and batch: the first three optimizer steps give the same losses.
-    for j, t in zip(train["jax-train"]["first_losses"], train["torch-train"]["first_losses"]):
-        assert abs(j - t) <= 1e-5 * abs(t), (train["jax-train"]["first_losses"], train["torch-train"]["first_losses"])
+    for name in ("torch-train", "jax-train-plain"):
+        for j, t in zip(train["jax-train"]["first_losses"], train[name]["first_losses"]):
+            assert abs(j - t) <= 1e-5 * abs(t), (name, train["jax-train"]["first_losses"], train[name]["first_losses"])
 
     assert set(rep["decode"]) == {"1", "2"}
     for batch, d in rep["decode"].items():

@@ -27,7 +27,7 @@ def test_presets_build():
 
 
 def test_derived_numbers_222m():
-    # reference section 1/3: 224/16 = 14 -> 196 patches, s = 2 -> 49 tokens; H 576 / 9 heads
+    # docs/conventions.md, "Model" and "Config": 224/16 = 14 -> 196 patches, s = 2 -> 49 tokens; H 576 / 9 heads
     cfg = VLMConfig.nanovlm_222m()
     assert (cfg.vit_n_patches, cfg.n_image_tokens, cfg.mp_input_dim) == (196, 49, 4 * 768)
     assert (cfg.vit_head_dim, cfg.lm_head_dim) == (64, 64)
@@ -43,7 +43,7 @@ def test_derived_numbers_460m_is_upstreams_default():
     assert (cfg.vit_n_patches, cfg.n_image_tokens, cfg.mp_input_dim) == (1024, 64, 16 * 768)
     assert (cfg.lm_hidden_dim, cfg.lm_n_heads, cfg.lm_n_kv_heads, cfg.lm_head_dim) == (960, 15, 5, 64)
     assert (cfg.lm_vocab_size, cfg.extra_token_amount, len(cfg.vlm_extra_tokens)) == (49218, 66, 66)
-    # extra tokens follow the base vocabulary in dict order (reference section 4)
+    # extra tokens follow the base vocabulary in dict order (docs/conventions.md, "Tokenizer and prompts")
     tokens = list(cfg.extra_tokens.values())
     assert tokens[0] == "<|image|>" and tokens[1] == "<|global_image|>"
     assert tokens[2] == "<row_1_col_1>" and tokens[-1] == "<row_8_col_8>"

@@ -208,6 +208,29 @@ def test_greedy_222m_text_only(m222):
 
 
 # ---- sampling ---------------------------------------------------------------------------------
+def _undecided_by_float32(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """bool[B, V]: tokens whose top-p membership float32 rounding can flip.
+
+    A token is kept when the probability mass sorted before it is below top_p. Both frameworks
+    sum those probabilities in float32, in different orders; over n terms the sum is uncertain
+    by up to n * eps32 (the worst-case bound). Tokens whose float64 mass before them lies within
+    that of top_p are the ones neither framework decides robustly; every other token must be
+    kept or dropped by both."""
+    B, V = logits.shape
+    k = V if top_k in (0, V) or top_k > V else top_k
+    out = np.zeros((B, V), bool)
+    if top_p >= 1.0:
+        return out
+    for b in range(B):
+        order = np.argsort(-logits[b].astype(np.float64), kind="stable")[:k]
+        x = logits[b, order].astype(np.float64)
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs  # mass sorted before each token
+        out[b, order[np.abs(before - top_p) <= k * np.finfo(np.float32).eps]] = True
+    return out
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_top_k_top_p_kept_set_matches_torch(seed):
     rng = np.random.default_rng(seed)
@@ -220,10 +243,19 @@ def test_top_k_top_p_kept_set_matches_torch(seed):
                 t = torch_filter(torch.from_numpy(logits), top_k=k, top_p=p).numpy()
                 j = np.asarray(jax_filter(jnp.asarray(logits), k, p))
                 kept_t, kept_j = np.isfinite(t), np.isfinite(j)
-                assert np.array_equal(kept_t, kept_j), (
-                    f"V={V} k={k} p={p}: kept {kept_t.sum(-1)} (torch) vs {kept_j.sum(-1)} (jax)"
+                undecidable = _undecided_by_float32(logits, k, p)
+                differ = kept_t != kept_j
+                assert not np.any(differ & ~undecidable), (
+                    f"V={V} k={k} p={p}: kept {kept_t.sum(-1)} (torch) vs {kept_j.sum(-1)} (jax), "
+                    f"{int((differ & ~undecidable).sum())} of the differences decidable in float32"
                 )
-                assert np.array_equal(t[kept_t], j[kept_j])
+                if differ.any():
+                    record(
+                        f"top-p boundary V={V} k={k} p={p}",
+                        f"{int(differ.sum())} token(s) within float32 rounding of p differ",
+                    )
+                both = kept_t & kept_j
+                assert np.array_equal(t[both], j[both])
     # a traced top_p gives the same as a Python float
     logits = jnp.asarray(rng.normal(size=(3, 500)).astype(np.float32))
     traced = jax.jit(lambda l, p: jax_filter(l, 20, p))(logits, 0.5)

@@ -1,4 +1,4 @@
-"""Image loading, resizing, splitting and the image string (reference sections 4-5), on real COCO JPEGs."""
+"""Image loading, resizing, splitting and the image string (docs/conventions.md, "Tokenizer and prompts", "Images"), on real COCO JPEGs."""
 
 from __future__ import annotations
 

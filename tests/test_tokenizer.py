@@ -1,4 +1,4 @@
-"""The nanoVLM tokenizer against the real SmolLM2 tokenizer.json (reference section 4)."""
+"""The nanoVLM tokenizer against the real SmolLM2 tokenizer.json (docs/conventions.md, "Tokenizer and prompts")."""
 
 from __future__ import annotations
 
