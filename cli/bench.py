@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conversion import atomic
 from conversion.recipe import IGNORE_INDEX
 
 PARTS = ("matmul", "jax-train", "jax-train-plain", "torch-train", "torch-compile", "jax-decode", "torch-decode")
@@ -383,7 +384,7 @@ def main_args(args) -> int:
     report = summarise(cfg, args, results)
     print(markdown(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        atomic.write_text(args.json, json.dumps(report, indent=2))
     return 0
 
 

@@ -20,27 +20,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+from conversion.atomic import atomic_directory
 from conversion.config import PRESETS, VLMConfig
 from conversion.pretrained import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, copy_tokenizer
 
 from .runner import exit_with, run
 
 
-def _fresh_output_dir(dst: Path) -> None:
+def _fresh_output_dir(dst: Path, *inputs: Path) -> None:
+    """The output directory must be new (or empty) and not an input; it is written under a
+    temporary name and renamed into place when complete (`atomic_directory`)."""
+    for src in inputs:
+        if dst.exists() and src.exists() and os.path.samefile(dst, src):
+            raise ValueError(f"output directory {dst} is also the input")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"output {dst} exists and is not a directory")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"output directory {dst} is not empty")
+    if dst.exists():
+        dst.rmdir()  # empty: replaced whole by the finished output
 
 
 def cmd_to_jax(args) -> int:
     from jaxvlm.pretrained import load_nanovlm, save_orbax
 
     src, dst = Path(args.src), Path(args.dst)
-    _fresh_output_dir(dst)
+    _fresh_output_dir(dst, src)
     model = load_nanovlm(src)
-    save_orbax(model, dst)
-    copy_tokenizer(src, dst)
+    with atomic_directory(dst) as tmp:
+        save_orbax(model, tmp)
+        copy_tokenizer(src, tmp)
     print(f"wrote orbax checkpoint {dst} ({_n_params(model.cfg)} tensors from {src / WEIGHTS_FILE})")
     return 0
 
@@ -49,10 +61,11 @@ def cmd_to_torch(args) -> int:
     from jaxvlm.pretrained import load_orbax, save_nanovlm
 
     src, dst = Path(args.src), Path(args.dst)
-    _fresh_output_dir(dst)
+    _fresh_output_dir(dst, src)
     model = load_orbax(src)
-    save_nanovlm(model, dst)
-    copy_tokenizer(src, dst)
+    with atomic_directory(dst) as tmp:
+        save_nanovlm(model, tmp)
+        copy_tokenizer(src, tmp)
     print(f"wrote nanoVLM checkpoint {dst} ({CONFIG_FILE} + {WEIGHTS_FILE})")
     return 0
 
@@ -73,7 +86,8 @@ def cmd_init(args) -> int:
     _fresh_output_dir(dst)
     cfg = VLMConfig.preset(args.preset)
     model = VisionLanguageModel(cfg, rngs=nnx.Rngs(args.seed))
-    save_nanovlm(model, dst)
+    with atomic_directory(dst) as tmp:
+        save_nanovlm(model, tmp)
     print(f"wrote randomly initialised {args.preset} checkpoint to {dst}")
     return 0
 
@@ -149,7 +163,8 @@ def cmd_from_hf(args) -> int:
     print(
         f"wrote nanoVLM checkpoint {args.out} ({files}): ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "
         f"LM {cfg.lm_n_blocks} x {cfg.lm_hidden_dim}, vocabulary {cfg.lm_base_vocab_size} + {cfg.extra_token_amount} extra"
-        f"{'' if cfg.lm_tie_weights else ', untied head'}, {cfg.n_image_tokens} tokens per tile"
+        f"{'' if cfg.lm_tie_weights else ', untied head'}, {cfg.n_image_tokens} tokens per tile, images up to "
+        f"{cfg.max_img_size} px ({'split into tiles' if cfg.resize_to_max_side_len else 'one tile'})"
     )
     return 0
 
@@ -190,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-token-length", type=int, help="mp_image_token_length (default: derived)")
     s.add_argument("--extra-tokens", type=_extra_tokens, help="default (66 tokens), legacy (1), or a JSON object")
     s.add_argument("--image-size", type=int, help="vit_img_size; must be the vision tower's image_size")
-    s.add_argument("--max-img-size", type=int, help="max_img_size (default 2048 with splitting, else the tile size)")
+    s.add_argument(
+        "--max-img-size",
+        type=int,
+        help="max_img_size (default: with splitting the largest multiple of the tile size up to 2048 that the grid tokens cover, else the tile size)",
+    )
     s.add_argument("--resize-to-max-side-len", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--max-length", type=int, help="lm_max_length (default 4096)")
     s.set_defaults(func=cmd_from_hf)

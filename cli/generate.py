@@ -10,9 +10,12 @@ each output row adds "answer". The tokenizer is the model directory's tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+
+from conversion.atomic import atomic_file, check_output_file
 
 
 def add_generate_parser(sub) -> None:
@@ -22,7 +25,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     g.add_argument("--prompt", help="the user's question")
     g.add_argument("--batch", help="JSONL file of {prompt, images} rows")
-    g.add_argument("--out", help="where --batch writes its answers (JSONL; default: stdout)")
+    g.add_argument("--out", help="where --batch writes its answers (JSONL, written whole at the end; default: stdout)")
+    g.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true")
@@ -99,6 +103,8 @@ def _batch_rows(path: Path) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{n}: a row needs a string 'prompt'")
         images = row.get("images", [row["image"]] if "image" in row else [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ValueError(f"{path}:{n}: 'images' must be a list of image paths, got {json.dumps(images)}")
         rows.append(
             {"prompt": row["prompt"], "images": [str(path.parent / p) for p in images], "source": f"{path}:{n}"}
         )
@@ -110,15 +116,18 @@ def _batch_rows(path: Path) -> list[dict]:
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.batch is None):
         raise ValueError("give either --prompt (with --image files) or --batch FILE")
+    if args.out is not None:
+        if args.batch is None:
+            raise ValueError("--out goes with --batch")
+        check_output_file(args.out, inputs=(args.batch, args.model), overwrite=args.overwrite)
+    rows = _batch_rows(Path(args.batch)) if args.batch is not None else None
     model, tokenizer, encoder = _load(args)
     if args.prompt is not None:
         prompt = encoder.encode_prompt(args.image, args.prompt)
         _answer(model, tokenizer, [prompt], args, stream=TextStream(tokenizer))
         print(flush=True)
         return 0
-    rows = _batch_rows(Path(args.batch))
-    out = open(args.out, "w") if args.out else sys.stdout
-    try:
+    with atomic_file(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as out:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
             prompts = []
@@ -130,7 +139,4 @@ def cmd_generate(args) -> int:
             for row, answer in zip(chunk, _answer(model, tokenizer, prompts, args)):
                 out.write(json.dumps({"prompt": row["prompt"], "images": row["images"], "answer": answer}) + "\n")
             out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0

@@ -68,6 +68,8 @@ def cmd_train(args) -> int:
     run = RunConfig.from_file(args.config, **overrides) if args.config else RunConfig(**overrides)
     summary = train(run)
     print(json.dumps(summary, indent=2))
+    if summary["signal"] is not None:  # saved, then stopped by SIGINT / SIGTERM: 130 / 143, as the shell does
+        return 128 + summary["signal"]
     return 0
 
 

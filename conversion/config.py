@@ -18,7 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import atomic
+from .validation import range_problems, type_problems
+
 log = logging.getLogger(__name__)
+
+# Allowed ranges. The upper bounds are far above any released model and refuse, before anything
+# is allocated, a value that would need more memory than a machine has (a 30M-token vocabulary,
+# an image side of 10^6 pixels); a model beyond them is not a small VLM.
+_POSITIVE = (1, None)
+VLM_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "vit_hidden_dim": (1, 16384), "vit_inter_dim": (1, 65536), "vit_patch_size": (1, 1024),
+    "vit_img_size": (1, 4096), "vit_n_heads": (1, 1024), "vit_n_blocks": (1, 512), "vit_ln_eps": (1e-12, 1.0),
+    "lm_hidden_dim": (1, 32768), "lm_inter_dim": (1, 131072), "lm_rms_eps": (1e-12, 1.0), "lm_re_base": (1.0, None),
+    "lm_max_position_embeddings": (1, 1 << 24), "lm_base_vocab_size": (1, 1 << 20), "extra_token_amount": (0, 1 << 16),
+    "lm_vocab_size": (1, 1 << 20), "lm_n_heads": (1, 1024), "lm_n_kv_heads": (1, 1024), "lm_n_blocks": (1, 512),
+    "lm_attn_scaling": (0.0, None), "lm_max_length": (1, 1 << 24), "lm_eos_token_id": (0, None),
+    "mp_pixel_shuffle_factor": (1, 64), "mp_image_token_length": (1, 1 << 20), "max_img_size": (1, 16384),
+    "vit_dropout": (0.0, 1.0), "lm_dropout": (0.0, 1.0),
+}  # fmt: skip
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -143,7 +161,10 @@ class VLMConfig:
 
     # ---- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
-        problems = []
+        """Types and ranges of every field first (`VLM_RANGES`), then their consistency."""
+        problems = type_problems(self) + range_problems(self, VLM_RANGES)
+        if problems:
+            raise ValueError("invalid VLMConfig: " + "; ".join(problems))
 
         def need(ok: bool, msg: str):
             if not ok:
@@ -233,7 +254,7 @@ class VLMConfig:
             raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=4))
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=4))
 
     def replace(self, **changes) -> VLMConfig:
         return dataclasses.replace(self, **changes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .config import VLMConfig
 
 
@@ -23,8 +25,8 @@ def check_generation_args(
             f"exceeds the model context lm_max_length = {cfg.lm_max_length}"
         )
     if not greedy:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
         if not 0.0 < top_p <= 1.0:

@@ -518,8 +518,8 @@ def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir:
     sf = s["mp_pixel_shuffle_factor"]
     if s["mp_image_token_length"] is None and isinstance(sf, int) and sf > 0:
         s["mp_image_token_length"] = ((img // P) // sf) ** 2
-    if s["max_img_size"] is None:
-        s["max_img_size"] = 2048 if splitting else img
+    if s["max_img_size"] is None:  # upstream's 2048 px budget, in whole tiles the grid tokens can name
+        s["max_img_size"] = img * max(1, min(2048 // img, _grid_side(extra))) if splitting else img
     if s["resize_to_max_side_len"] is None:
         s["resize_to_max_side_len"] = splitting
     if splitting:

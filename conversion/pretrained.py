@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .config import VLMConfig
 from .mapping import check_keys, expected_shapes
-from .safetensors_io import CheckpointError, load_safetensors, save_safetensors
+from .safetensors_io import BF16, CheckpointError, load_safetensors, save_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,7 +49,26 @@ def read_checkpoint(directory: str | Path, *, strict_config: bool = True) -> tup
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
     tensors, _ = load_safetensors(weights)
     check_keys(expected_shapes(cfg), tensors, source=f"{weights} (config {directory / CONFIG_FILE})")
+    check_values(tensors, source=str(weights))
     return cfg, tensors
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == BF16
+
+
+def check_values(tensors: dict[str, np.ndarray], *, source: str) -> None:
+    """Every tensor of a model is floating point and finite: an integer dtype means the file's
+    header disagrees with the data (nothing of a nanoVLM model is an integer), and a NaN or inf
+    weight is a broken model, refused here rather than blamed on a framework later."""
+    for key, value in tensors.items():
+        if not is_float_dtype(value.dtype):
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}; model weights are floating point")
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has {bad} non-finite value(s) of {value.size}: a broken model"
+            )
 
 
 def write_checkpoint(directory: str | Path, cfg: VLMConfig, tensors: dict[str, np.ndarray]) -> None:
@@ -60,6 +79,7 @@ def write_checkpoint(directory: str | Path, cfg: VLMConfig, tensors: dict[str, n
     """
     directory = Path(directory)
     check_keys(expected_shapes(cfg), tensors, source="tensors to save")
+    check_values(tensors, source="tensors to save")
     directory.mkdir(parents=True, exist_ok=True)
     # Both files are written to temporary names first and only then renamed into place, so a
     # failed write (a full disk) leaves the previous pair untouched and no partial file.
@@ -82,8 +102,8 @@ def copy_tokenizer(src: str | Path, dst: str | Path, *, replace: bool = True) ->
     always copied)."""
     src, dst = Path(src), Path(dst)
     if src.is_file():
-        shutil.copyfile(src, dst / TOKENIZER_FILE)
+        atomic.write_bytes(dst / TOKENIZER_FILE, src.read_bytes())
         src, replace = src.parent, False
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (replace or not (dst / name).exists()):
-            shutil.copyfile(src / name, dst / name)
+            atomic.write_bytes(dst / name, (src / name).read_bytes())

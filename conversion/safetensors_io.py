@@ -11,16 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ml_dtypes  # numpy's bfloat16 (a dependency of jax, and of this package)
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-try:  # ml_dtypes ships with jax; without it bf16 files cannot be read as numpy
-    import ml_dtypes
-
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    _BF16 = None
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _FROM_ST = {
     "F64": np.dtype(np.float64),
@@ -33,8 +29,7 @@ _FROM_ST = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-if _BF16 is not None:
-    _FROM_ST["BF16"] = _BF16
+_FROM_ST["BF16"] = BF16
 _TO_ST = {v: k for k, v in _FROM_ST.items()}
 
 

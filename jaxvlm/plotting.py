@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from conversion.atomic import atomic_file
+
 
 def plot_curve(
     points: list[tuple[float, float]],
@@ -45,4 +47,5 @@ def plot_curve(
     d.text((W - right - 40, H - bottom + 6), f"{x1:g}", fill="black")
     d.text((W / 2 - 3 * len(xlabel), H - 22), xlabel, fill="black")
     d.text((5, H / 2), ylabel, fill="black")
-    img.save(path)
+    with atomic_file(path, "wb") as f:
+        img.save(f, format="PNG")

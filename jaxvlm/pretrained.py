@@ -15,7 +15,7 @@ from flax import nnx
 
 from conversion.config import VLMConfig
 from conversion.mapping import check_keys, jax_to_torch, torch_to_jax
-from conversion.pretrained import CONFIG_FILE, read_checkpoint, read_config, write_checkpoint
+from conversion.pretrained import CONFIG_FILE, check_values, read_checkpoint, read_config, write_checkpoint
 from conversion.safetensors_io import CheckpointError
 
 from .options import ModelOptions
@@ -104,6 +104,11 @@ def load_orbax(directory: str | Path, *, options: ModelOptions = ModelOptions())
     try:
         with ocp.StandardCheckpointer() as ckptr:
             state = ckptr.restore(state_dir, abstract_state)
-    except Exception as e:  # orbax raises many types; name the checkpoint and the cause
-        raise CheckpointError(f"cannot restore {state_dir} for config {directory / CONFIG_FILE}: {e}") from None
-    return nnx.merge(graphdef, state)
+    except Exception as e:  # orbax raises many types, often with pages of detail: name the checkpoint and the cause
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(
+            f"cannot restore {state_dir} for config {directory / CONFIG_FILE}: {type(e).__name__}: {cause}"
+        ) from None
+    model = nnx.merge(graphdef, state)
+    check_values({"/".join(map(str, k)): v for k, v in flat_state(model).items()}, source=str(state_dir))
+    return model

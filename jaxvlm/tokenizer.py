@@ -250,15 +250,27 @@ def load_tokenizer(
 
 
 def from_config(cfg, path: str | Path) -> Tokenizer:
-    """`load_tokenizer` with the extra tokens and chat template of a `VLMConfig`; checks that the
-    base vocabulary and total size agree with `cfg.lm_base_vocab_size` / `cfg.lm_vocab_size`."""
+    """`load_tokenizer` with the extra tokens and chat template of a `VLMConfig`, checked to fit
+    the model (`check_fits`)."""
     tok = load_tokenizer(path, cfg.vlm_extra_tokens, cfg.lm_chat_template)
+    check_fits(cfg, tok)
+    return tok
+
+
+def check_fits(cfg, tok: Tokenizer) -> None:
+    """Raise unless the tokenizer's ids are the model's: the same base vocabulary, every id
+    below `lm_vocab_size`, the image token at the config's id. Otherwise ids past the embedding
+    table would be clamped when generating and give NaN losses when training."""
     if tok.base_vocab_size != cfg.lm_base_vocab_size:
         raise ValueError(
-            f"{tok.source}: base vocabulary {tok.base_vocab_size} != config lm_base_vocab_size {cfg.lm_base_vocab_size}"
+            f"tokenizer {tok.source}: base vocabulary {tok.base_vocab_size} != the model's lm_base_vocab_size "
+            f"{cfg.lm_base_vocab_size}: not this model's tokenizer"
         )
     if tok.vocab_size > cfg.lm_vocab_size:
         raise ValueError(
-            f"{tok.source}: {tok.vocab_size} tokens do not fit the config's lm_vocab_size {cfg.lm_vocab_size}"
+            f"tokenizer {tok.source}: {tok.vocab_size} tokens do not fit the model's lm_vocab_size {cfg.lm_vocab_size}"
         )
-    return tok
+    if tok.image_token_id != cfg.image_token_id:
+        raise ValueError(
+            f"tokenizer {tok.source}: image token id {tok.image_token_id} != the model's {cfg.image_token_id}"
+        )

@@ -197,6 +197,11 @@ class Trainer:
             )
         return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
 
+    def params_finite(self, state: TrainState) -> bool:
+        """Every trained parameter finite (one jitted reduction; on a mesh, over the shards)."""
+        with sharding.use_mesh(self.mesh):
+            return bool(_all_finite(state.params))
+
     def model(self, state: TrainState) -> VisionLanguageModel:
         return nnx.merge(self.graphdef, state.params, state.rest)
 
@@ -243,6 +248,11 @@ class Trainer:
         if self.mesh is None:
             return tree
         return jax.lax.with_sharding_constraint(tree, self.state_sharding.params)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _agree_label_positions(labels: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -22,14 +22,54 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.config import VLMConfig
+from conversion import atomic
+from conversion.config import PRESETS, VLMConfig
 from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
-from conversion.recipe import OptimConfig
+from conversion.recipe import IGNORE_INDEX, OptimConfig
+from conversion.validation import range_problems, type_problems
 
-from .options import ModelOptions
+from .kernels import CHOICES as KERNEL_CHOICES
+from .options import DTYPES, REMAT_POLICIES, ModelOptions
+from .run_directory import open_run_directory
 from .sharding import MeshConfig
 
 log = logging.getLogger(__name__)
+
+
+RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "synthetic_size": (1, None), "image_size": (8, 4096), "steps": (1, None), "batch_size": (1, None),
+    "grad_accum": (1, None), "lr_mp": (0.0, None), "lr_vision_backbone": (0.0, None),
+    "lr_language_backbone": (0.0, None), "max_grad_norm": (1e-12, None), "weight_decay": (0.0, None),
+    "seed": (0, 2**32 - 1), "max_length": (1, None), "save_every": (1, None), "keep": (1, None),
+    "log_every": (1, None), "stop_after": (1, None), "num_processes": (1, None), "process_id": (0, None),
+    "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
+}  # fmt: skip
+RUN_CHOICES = {
+    "dtype": tuple(DTYPES),
+    "on_error": ("raise", "skip"),
+    "on_too_long": ("skip", "raise"),
+    "preset": PRESETS,
+    "kernels": KERNEL_CHOICES,
+    "remat_policy": (None, *REMAT_POLICIES),
+}
+
+
+def read_json_object(path: str | Path, *, what: str) -> dict:
+    """A JSON object from a file; one clear error naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +106,7 @@ class RunConfig:
     keep: int = 2
     log_every: int = 10
     resume: bool = False
+    overwrite: bool = False  # start over in a run directory, or write into a non-empty other directory
     stop_after: int | None = None  # end this invocation after this many steps (the schedule still spans `steps`)
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
@@ -105,11 +146,44 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> RunConfig:
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path, what="--config")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown run config field(s): {', '.join(unknown)}")
-        return cls(**{**data, **overrides})
+        try:
+            return cls(**{**data, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def __post_init__(self):
+        if isinstance(self.seq_buckets, list):  # from JSON
+            object.__setattr__(self, "seq_buckets", tuple(self.seq_buckets))
+        problems = type_problems(self) + range_problems(self, RUN_RANGES)
+        for name, allowed in RUN_CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                problems.append(f"{name} {value!r}: choose one of {', '.join(str(a) for a in allowed)}")
+        for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
+            if getattr(self, name) == 0:
+                problems.append(f"{name} 0: a mesh axis has >= 1 devices (or -1: the devices the others leave)")
+        if self.seq_buckets is not None and not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.seq_buckets
+        ):
+            problems.append(f"seq_buckets {self.seq_buckets!r}: must be positive integers")
+        if isinstance(self.model, dict):
+            fields = {f.name for f in dataclasses.fields(VLMConfig)}
+            unknown = sorted(set(self.model) - fields)
+            if unknown:
+                problems.append(f"model: unknown VLMConfig field(s) {', '.join(unknown)}")
+        if isinstance(self.model, dict) and not problems and not (self.init_from or self.init_from_hf_vision):
+            try:  # the model the overrides give, checked before anything is loaded or written
+                VLMConfig.preset(self.preset, **self.model)
+            except ValueError as e:
+                problems.append(f"model: {e}")
+        if self.remat_policy is not None and not self.remat:
+            problems.append(f"remat_policy {self.remat_policy!r} needs remat")
+        if problems:
+            raise ValueError("invalid run settings: " + "; ".join(problems))
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -218,12 +292,15 @@ class MetricsLog:
         self.path = directory / "metrics.jsonl"
         self.write = write  # one writer per file: False on all but process 0
         rows = []
-        if self.path.exists():  # keep the history up to the step we resume from
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        if resume_step > 0 and self.path.exists():  # keep the history up to the step we resume from
+            text = self.path.read_text()
+            lines = text.splitlines(keepends=True)
+            # a line without its newline is one a killed run was writing: not part of the history
+            rows = [json.loads(line) for line in lines if line.strip() and line.endswith("\n")]
             rows = [r for r in rows if r.get("step", 0) <= resume_step]
         self.rows = rows
         if write:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -261,18 +338,31 @@ class Progress:
 
 # ---- the run ------------------------------------------------------------------------------------
 def train(run: RunConfig) -> dict[str, Any]:
-    """Train as `run` says; returns a summary (final loss, steps, time, tokens/s, paths)."""
-    from .data import SampleEncoder
-    from .pretrained import save_nanovlm
-    from .sharding import initialize_distributed, make_mesh
-    from .tokenizer import load_tokenizer
-    from .train import Trainer
-    from .train_checkpoints import TrainCheckpoints
+    """Train as `run` says; returns a summary (final loss, steps, time, tokens/s, paths).
+
+    The output directory is checked, locked and marked first (`jaxvlm.run_directory`); every
+    file written into it is complete or absent (`conversion.atomic`; orbax renames a finished
+    checkpoint into place); parameters are checked finite before any checkpoint or export."""
+    from .sharding import initialize_distributed
 
     initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)  # before any device use
     primary = jax.process_index() == 0  # writes the side files; every process writes its checkpoint shards
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_directory(out, resume=run.resume, overwrite=run.overwrite, primary=primary)
+    try:
+        return _train(run, out, primary)
+    finally:
+        run_dir.close()
+
+
+def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
+    from .data import SampleEncoder
+    from .pretrained import save_nanovlm
+    from .sharding import make_mesh
+    from .tokenizer import load_tokenizer
+    from .train import Trainer
+    from .train_checkpoints import TrainCheckpoints
+
     ckpt_dir = out / "checkpoints"
     if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise FileExistsError(
@@ -285,22 +375,31 @@ def train(run: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
     loader = build_loader(run, build_dataset(run, cfg, encoder))
-    if primary:  # only once the model and the data have loaded
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
     trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
 
     checkpoints = TrainCheckpoints(ckpt_dir, keep=run.keep)
     start = 0
-    if run.resume and checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
+    if run.resume:
+        state, meta = restore_newest_good(checkpoints, state)
         loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
         print(f"resumed from {ckpt_dir / str(start)} (step {start})", flush=True)
+    if primary:  # only once the model, the data and any checkpoint have loaded
+        atomic.write_text(out / "run_config.json", json.dumps(dataclasses.asdict(run), indent=2))
     metrics = MetricsLog(out, start, write=primary)
 
+    def check_finite(step: int, what: str) -> None:
+        if not trainer.params_finite(state):
+            good = checkpoints.latest_step()
+            raise FloatingPointError(
+                f"parameters are not finite after step {step}; {what} not written. Last good checkpoint: "
+                + (str(ckpt_dir / str(good)) if good is not None else "none saved")
+            )
+
     def save(step: int) -> None:
+        check_finite(step, "checkpoint")
         checkpoints.save(step, state, {"step": step, "loader": loader.state_dict(), "seed": run.seed})
 
     stop = _StopFlag()
@@ -312,6 +411,10 @@ def train(run: RunConfig) -> dict[str, Any]:
         end = run.steps if run.stop_after is None else min(run.steps, start + run.stop_after)
         while step < end and not stop.requested:
             group = stack_group([next(batches) for _ in range(run.grad_accum)])
+            if not np.any(group["labels"] != IGNORE_INDEX):
+                raise ValueError(
+                    f"step {step + 1}: no sample in the batch has a token to train on; " + _skipped(loader, run)
+                )
             t0 = time.perf_counter()
             state, m = trainer.step(state, trainer.place_batch(group))
             loss = float(m["loss"])  # waits for the step
@@ -353,6 +456,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
 
     final = out / "model"
+    check_finite(step, "model")
     final_model = trainer.host_model(state)  # gathered from every process's shards
     summary = {
         "steps": step,
@@ -362,13 +466,57 @@ def train(run: RunConfig) -> dict[str, Any]:
         "compiles": trainer.compiles,
         "model_dir": str(final),
         "interrupted": stop.requested,
+        "signal": stop.signal,
+        "skipped_samples": {"too_long": loader.stats["too_long"], "unreadable": loader.stats["errors"]},
     }
+    if loader.stats["too_long"] or loader.stats["errors"]:
+        print("note: " + _skipped(loader, run), file=sys.stderr, flush=True)
     if primary:
-        save_nanovlm(final_model, final)
-        copy_tokenizer(tok_path, final, replace=False)
+        with atomic.atomic_directory(final, replace=True) as tmp:
+            save_nanovlm(final_model, tmp)
+            copy_tokenizer(tok_path, tmp, replace=False)
         metrics.plot(out / "loss_curve.png")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _skipped(loader, run: RunConfig) -> str:
+    st = loader.stats
+    return (
+        f"{st['too_long']} sample(s) longer than --max-length {run.max_length} skipped, "
+        f"{st['errors']} unreadable sample(s) skipped (--on-error {run.on_error}) so far"
+    )
+
+
+def restore_newest_good(checkpoints, state):
+    """Restore the newest checkpoint that restores; say which newer ones are broken. Raises
+    naming every broken one when none restores, or when there is none."""
+    steps = sorted(checkpoints.manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(
+            f"--resume: no complete checkpoint in {checkpoints.directory}: run without --resume "
+            "(with --overwrite) to start over"
+        )
+    broken = []
+    for step in steps:
+        try:
+            restored = checkpoints.restore(state, step)
+        except Exception as e:  # orbax raises many types; name the checkpoint and go on to an older one
+            broken.append(f"{checkpoints.directory / str(step)} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        for b in broken:
+            print(f"warning: checkpoint {b} cannot be restored; resuming from step {step}", file=sys.stderr, flush=True)
+        if broken:  # kept for inspection under a name that is not a step, so the run can save those steps again
+            for bad in steps[: steps.index(step)]:
+                src = checkpoints.directory / str(bad)
+                dst = checkpoints.directory / f"{bad}.broken"
+                n = 1
+                while dst.exists():
+                    dst, n = checkpoints.directory / f"{bad}.broken-{n}", n + 1
+                src.rename(dst)
+            checkpoints.manager.reload()
+        return restored
+    raise ValueError("--resume: no checkpoint can be restored: " + "; ".join(broken))
 
 
 class _StopFlag:
@@ -376,6 +524,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signal = None  # the signal number that asked to stop
         self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -387,6 +536,7 @@ class _StopFlag:
         if self.requested:  # a second signal: give up at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

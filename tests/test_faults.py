@@ -250,11 +250,11 @@ def _sigterm_after(out: Path, env: dict, lines: int, *extra: str) -> Training:
 
 def test_sigterm_saves_the_steps_done(reference, env, tmp_path):
     """SIGTERM between checkpoints (only the final one is due): the loop ends after the current
-    step, saves a checkpoint of exactly the steps done, exports the model and exits 0; a resume
-    then finishes the run exactly."""
+    step, saves a checkpoint of exactly the steps done, exports the model and exits 143 (128 +
+    SIGTERM, as a shell reports it, so a script can tell); a resume then finishes the run exactly."""
     out = tmp_path / "run"
     run = _sigterm_after(out, env, 5, "--save-every", "1000")
-    assert run.finish() == 0, run.stderr[-2000:]
+    assert run.finish() == 128 + signal.SIGTERM, run.stderr[-2000:]
     done = run.steps_seen()
     assert 5 <= done < STEPS
     assert f"interrupted: saving a checkpoint at step {done} before exiting" in run.lines
@@ -271,7 +271,7 @@ def test_sigterm_saves_the_steps_done(reference, env, tmp_path):
 def test_sigterm_on_a_checkpoint_step(env, tmp_path):
     out = tmp_path / "run"
     run = _sigterm_after(out, env, 3, "--save-every", "1")
-    assert run.finish() == 0, run.stderr[-2000:]
+    assert run.finish() == 128 + signal.SIGTERM, run.stderr[-2000:]
     assert max(complete_steps(out)) == run.steps_seen()
     assert (out / "model" / "model.safetensors").is_file()
 

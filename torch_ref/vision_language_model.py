@@ -148,6 +148,17 @@ class VisionLanguageModel(nn.Module):
     def from_state(cls, cfg: VLMConfig, state: dict, *, dtype: torch.dtype = torch.float32, source: str = "state"):
         """Build a model from checkpoint tensors (file keys; torch tensors or numpy arrays). Strict."""
         check_keys(expected_shapes(cfg), state, source=source, shape_of=lambda t: tuple(t.shape))
+        for key, value in state.items():  # the rules of conversion.pretrained.check_values, on torch tensors
+            t = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+            if not t.is_floating_point():
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights are floating point"
+                )
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} has {bad} non-finite value(s) of {t.numel()}: a broken model"
+                )
         model = cls(cfg).to(dtype)
         with torch.no_grad():
             params = dict(model.named_parameters(remove_duplicate=False))

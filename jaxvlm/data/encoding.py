@@ -29,7 +29,7 @@ import numpy as np
 from conversion.recipe import IGNORE_INDEX
 
 from ..image_processing import ImageLike, ImageProcessor, image_string
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class SampleEncoder:
 
     @classmethod
     def from_config(cls, cfg, tokenizer: Tokenizer, **processor_kwargs) -> SampleEncoder:
+        """The encoder for a model of config `cfg`; the tokenizer must fit it (`tokenizer.check_fits`)."""
+        check_fits(cfg, tokenizer)
         return cls(tokenizer, ImageProcessor.from_config(cfg, **processor_kwargs), cfg.n_image_tokens)
 
     @property
