@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output nanoVLM directory (must not exist or be empty)")
     s.add_argument("--seed", type=int, default=0, help="seed of the new embedding rows and the projector")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written tensors")
-    s.add_argument("--pixel-shuffle-factor", type=int, help="mp_pixel_shuffle_factor (default 4)")
+    s.add_argument(
+        "--pixel-shuffle-factor",
+        type=int,
+        help="mp_pixel_shuffle_factor (default: 4 where the patch grid allows it, else 2, else 1)",
+    )
     s.add_argument("--image-token-length", type=int, help="mp_image_token_length (default: derived)")
     s.add_argument("--extra-tokens", type=_extra_tokens, help="default (66 tokens), legacy (1), or a JSON object")
     s.add_argument("--image-size", type=int, help="vit_img_size; must be the vision tower's image_size")

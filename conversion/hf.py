@@ -92,7 +92,7 @@ LLAMA_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 # Settings of the VLM itself (not of a backbone), with upstream's current defaults
 # (None: derived, see `_settings`).
 VLM_SETTINGS: dict[str, Any] = {
-    "mp_pixel_shuffle_factor": 4,
+    "mp_pixel_shuffle_factor": None,  # 4 where the patch grid allows it, else 2, else 1
     "mp_image_token_length": None,  # (vit_img_size / vit_patch_size / s)^2
     "vlm_extra_tokens": DEFAULT_EXTRA_TOKENS,  # or "legacy" (the single image token), or {name: token}
     "vit_img_size": None,  # the vision tower's image_size (its position embeddings fix it)
@@ -515,6 +515,10 @@ def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir:
             f"{vision_config}: the vision tower's position embeddings are for image_size {img}; "
             f"vit_img_size {s['vit_img_size']} would need them interpolated, which nanoVLM does not do"
         )
+    if given.get("mp_pixel_shuffle_factor") is None and isinstance(P, int) and P > 0 and img % P == 0:
+        # upstream's 4 where the tower's patch grid allows it (512 px / 16 = 32), else 2 as the
+        # 224 px nanoVLM-222M uses (224 / 16 = 14), else 1
+        s["mp_pixel_shuffle_factor"] = next(f for f in (4, 2, 1) if (img // P) % f == 0)
     sf = s["mp_pixel_shuffle_factor"]
     if s["mp_image_token_length"] is None and isinstance(sf, int) and sf > 0:
         s["mp_image_token_length"] = ((img // P) // sf) ** 2

@@ -15,6 +15,7 @@ from conftest import (
     SMOLLM2,
     fail_weights,
     needs_tokenizer,
+    run_cli,
     snapshot,
     truncate,
 )
@@ -255,7 +256,10 @@ def test_bad_hf_backbone(case, hf):
             r"patch grid side 4 is not divisible by mp_pixel_shuffle_factor 3",
         ),
         ({**SETTINGS, "mp_image_token_length": 9}, r"mp_image_token_length 9 != .* = 4"),
-        ({"mp_pixel_shuffle_factor": 2}, r"max_img_size 2048 gives a 64x64 tile grid .* use max_img_size <= 256"),
+        (
+            {"mp_pixel_shuffle_factor": 2, "max_img_size": 2048},
+            r"max_img_size 2048 gives a 64x64 tile grid .* use max_img_size <= 256",
+        ),
         (
             {**SETTINGS, "vit_img_size": 64},
             r"position embeddings are for image_size 32; vit_img_size 64 would need them interpolated",
@@ -304,3 +308,20 @@ def test_from_hf_disk_full_leaves_nothing(hf, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         build_from_hf(v, l_dir, out, **SETTINGS)
     assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["llama", "siglip"]
+
+
+def test_from_hf_defaults_fit_a_224_px_tower(tmp_path):
+    """nanoVLM-222M's tower (224 px tiles, 14 x 14 patches) with no flags: the defaults are
+    derived from it (pixel shuffle 2, since 14 is not divisible by upstream's 4; max_img_size the
+    largest multiple of 224 up to upstream's 2048 px that the 8 x 8 grid tokens name: 1792)
+    instead of refusing, and the CLI says what it chose."""
+    vision = dict(VISION, image_size=224, patch_size=16)
+    v = write_hf(tmp_path / "siglip", vision, _vision_expected(vision, ""))
+    l_dir = write_hf(tmp_path / "llama", LANGUAGE, _language_expected(LANGUAGE))
+    cfg = build_from_hf(v, l_dir, tmp_path / "out")
+    assert (cfg.vit_img_size, cfg.max_img_size, cfg.resize_to_max_side_len) == (224, 1792, True)
+    assert (cfg.mp_pixel_shuffle_factor, cfg.n_image_tokens) == (2, 49)  # as nanoVLM-222M
+    code, out, err = run_cli("-m", "conversion", "from-hf", "--vision", str(v), "--language", str(l_dir),
+                             "--out", str(tmp_path / "cli"))  # fmt: skip
+    assert code == 0, err
+    assert "images up to 1792 px (split into tiles)" in out
