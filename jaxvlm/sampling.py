@@ -28,8 +28,8 @@ def top_k_top_p_filtering(
     sorted order: the result keeps every logit >= the value at the end of that prefix. That
     equals upstream's kept set whenever no other logit ties with that value (with ties
     upstream's choice depends on its unstable sort). With top_k > 0 only the k largest are
-    sorted (`lax.top_k`); with top_k = 0 the whole row is sorted, which XLA:CPU does slowly
-    (~10 ms per 49k-entry row), so prefer a top_k with top_p.
+    sorted (`lax.top_k`); with top_k = 0 the whole row is sorted, which XLA:CPU does slowly, so
+    prefer a top_k with top_p.
     """
     V = logits.shape[-1]
     top_k = min(int(top_k), V)
