@@ -120,6 +120,7 @@ def _cli_cases(tiny_dir: Path, tmp: Path):
     }
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_command_lines_print_one_line(tiny_dir, tmp_path):
     (tmp_path / "text.png").write_text("not a picture")
@@ -166,6 +167,7 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, jax_cache):
     out = tmp_path / "run"

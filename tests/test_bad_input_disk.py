@@ -110,6 +110,7 @@ if _at:  # test-only: the _at-th orbax JSON write fills the disk half way throug
 """
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_train_disk_full_during_a_checkpoint(tmp_path, jax_cache):
     """`jaxvlm train` with the disk full at the 3rd checkpoint: exit 2 naming the OSError; the

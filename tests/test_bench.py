@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [

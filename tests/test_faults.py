@@ -32,10 +32,13 @@ from conftest import ROOT, record
 from conversion import load_safetensors
 
 SMOLLM2 = ROOT.parent / "shared" / "data" / "smollm2"
-pytestmark = pytest.mark.skipif(
-    not (SMOLLM2 / "tokenizer.json").is_file(),
-    reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (SMOLLM2 / "tokenizer.json").is_file(),
+        reason=f"SmolLM2 tokenizer not found under {SMOLLM2} (../shared is absent)",
+    ),
+]
 
 STEPS, SAVE_EVERY = 24, 2
 ARGS = [

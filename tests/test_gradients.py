@@ -39,6 +39,7 @@ def _targets(ids, mask, cfg, seed):
     return tgt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,tie", [(0, True), (1, False), (2, True)])
 def test_gradients_every_parameter(seed, tie):
     cfg = tiny_cfg(lm_tie_weights=tie)

@@ -54,6 +54,7 @@ def _run(code: str, env: dict) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @needs_thp
 def test_scratch_buffer_faults_in_huge_pages():
     default = json.loads(_run(SCRATCH_CHILD, _clean_env()))

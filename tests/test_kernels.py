@@ -61,7 +61,12 @@ def test_patch_embed(seed):
 # (heads, kv heads, head dim, length, causal): the ViT's plain multi-head attention; the decoder's
 # grouped-query causal attention, short and long (the tuned kernel splits 256 queries into 4
 # chunks); a head dim whose 1/sqrt is not a power of two (q scaled first is then not exact).
-ATTENTION_CASES = [(4, 4, 16, 20, False), (4, 2, 16, 24, True), (6, 2, 16, 256, True), (3, 1, 24, 130, True)]
+ATTENTION_CASES = [
+    (4, 4, 16, 20, False),
+    (4, 2, 16, 24, True),
+    pytest.param(6, 2, 16, 256, True, marks=pytest.mark.slow),
+    (3, 1, 24, 130, True),
+]
 
 
 @pytest.mark.parametrize("nh, nkv, hd, T, causal", ATTENTION_CASES)
@@ -118,6 +123,7 @@ def test_select_by_backend():
         ModelOptions(kernels="fast")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", (0, 1, 2))
 def test_whole_model_loss_and_every_gradient(seed):
     """A randomised tiny VLM on a left-padded batch with several images per row, T long enough

@@ -134,6 +134,7 @@ def test_train_refuses_a_directory_that_is_not_a_run(tmp_path):
         assert snapshot(d) == before
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_train_refuses_another_run_and_a_held_lock(tmp_path):
     """A finished run's directory: a new run without --resume is refused (its files unchanged),
@@ -162,6 +163,7 @@ def test_train_refuses_another_run_and_a_held_lock(tmp_path):
     assert summary["steps"] == 2 and sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [1, 2]
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_train_overwrite_into_a_users_directory_touches_only_run_files(tmp_path):
     from jaxvlm.train_loop import train
@@ -174,6 +176,7 @@ def test_train_overwrite_into_a_users_directory_touches_only_run_files(tmp_path)
 
 
 # ---- broken models are never saved as good ---------------------------------------------------------
+@pytest.mark.slow
 @needs_tokenizer
 def test_a_diverging_run_saves_no_non_finite_checkpoint_and_exports_nothing(tmp_path):
     """A learning rate of 1e30 makes the projector's parameters non-finite (the loss can still
@@ -251,6 +254,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused():
         )
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys):
     from jaxvlm.train_loop import train
@@ -321,6 +325,7 @@ def test_sampling_temperature_must_be_finite_and_positive(kwargs):
         check_generation_args(tiny_cfg(), 4, 4, **args)
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_command_lines_refuse_bad_settings_with_one_line(tiny_dir, tmp_path):
     out = str(tmp_path / "never")

@@ -173,6 +173,7 @@ def meshes(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_meshes_train_like_one_device(meshes):
     assert meshes["devices"] == 8
     ref = meshes["reference"]["losses"]
@@ -308,6 +309,7 @@ def jaxvlm_train(args: list[str], *, processes: int = 1, devices: int = 1, env_v
         assert p.returncode == 0, f"jaxvlm train failed:\n{log[-4000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").is_file(), reason=f"the SmolLM2 tokenizer is not at {TOKENIZER}")
 def test_two_processes_train_like_one(tmp_path):
     """4 steps of 4 rows on one process (one device) vs two processes of 2 rows each (2 devices

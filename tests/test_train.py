@@ -188,6 +188,7 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @needs_tokenizer
 def test_resume_is_exact(tmp_path):
     from jaxvlm.train_loop import train
@@ -220,6 +221,7 @@ def test_existing_checkpoints_need_resume(tmp_path):
 COCO = SHARED / "data" / "coco-mini"
 
 
+@pytest.mark.slow
 @needs_tokenizer
 @pytest.mark.skipif(not (COCO / "captions.json").is_file(), reason=f"COCO-mini is not at {COCO} (../shared is absent)")
 def test_finetune_on_real_coco_jpegs_lowers_the_loss(tmp_path):
@@ -261,6 +263,7 @@ def test_finetune_on_real_coco_jpegs_lowers_the_loss(tmp_path):
     assert run["compiles"] <= 4
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(cfg):
     """--dtype bfloat16: activations and matmuls in bf16, parameters, optimizer state and loss in
     float32; the loss stays within 2% of the fp32 loss on the same weights and batch."""
@@ -291,6 +294,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(cfg):
     assert rel <= 2e-2
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(cfg):
     """--remat (each block's activations recomputed in the backward pass, through the
     hand-written backwards of `layers.matmul` and the cross-entropy) changes memory, not
