@@ -1,4 +1,4 @@
-"""The `jaxvlm` command line: train, eval, generate.
+"""The `jaxvlm` command line: train, eval, synthetic, generate, bench.
 
 Errors caused by the user's input (missing files, bad checkpoints, bad flags) print one line
 naming the problem and exit 2; `--debug` shows the full traceback instead.

@@ -1,4 +1,4 @@
-"""nanoVLM checkpoints <-> jaxvlm: config, one mapping table, strict I/O. Imports no framework."""
+"""The framework-free core: config, pretrained-directory format, one mapping table, strict I/O, recipe. Imports no framework."""
 
 from .config import PRESETS, VLMConfig
 from .mapping import Entry, expected_shapes, jax_to_torch, mapping, torch_to_jax

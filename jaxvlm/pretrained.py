@@ -1,4 +1,4 @@
-"""jaxvlm <-> nanoVLM checkpoint directories and orbax checkpoints, through `conversion`.
+"""jaxvlm models <-> pretrained directories (nanoVLM safetensors, or config.json + an orbax tree), through `conversion`.
 
 `flat_state` / `load_flat_state` are the only places that touch NNX paths; the mapping table
 in `conversion.mapping` does the rest, in both directions.
