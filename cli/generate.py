@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from conversion.atomic import atomic_file, check_output_file
+from conversion.validation import read_utf8
 
 
 def add_generate_parser(sub) -> None:
@@ -93,7 +94,7 @@ def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[st
 
 def _batch_rows(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, what="--batch").splitlines(), 1):
         if not line.strip():
             continue
         try:

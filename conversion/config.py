@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .validation import range_problems, type_problems
+from .validation import range_problems, read_utf8, type_problems
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class VLMConfig:
     def from_json(cls, path: str | Path, *, strict: bool = True) -> VLMConfig:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(read_utf8(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:

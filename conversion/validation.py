@@ -8,9 +8,11 @@ JSON gives `64.0` for an int, `"false"` for a bool and `NaN` for a float; none o
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 
@@ -68,3 +70,29 @@ def range_problems(obj: Any, ranges: dict[str, tuple[float | None, float | None]
         if high is not None and value > high:
             problems.append(f"{name} {value} must be <= {high:,}")
     return problems
+
+
+def read_utf8(path: str | Path, *, what: str = "") -> str:
+    """A text file's contents; one error naming the file when it is missing or not UTF-8."""
+    path = Path(path)
+    label = f"{what} {path}".strip()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{label}: no such file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json_object(path: str | Path, *, what: str = "") -> dict:
+    """A JSON object from a file; one error naming the file otherwise."""
+    label = f"{what} {path}".strip()
+    try:
+        data = json.loads(read_utf8(path, what=what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: must hold a JSON object, got a {type(data).__name__}")
+    return data

@@ -26,7 +26,7 @@ from conversion import atomic
 from conversion.config import PRESETS, VLMConfig
 from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
 from conversion.recipe import IGNORE_INDEX, OptimConfig
-from conversion.validation import range_problems, type_problems
+from conversion.validation import range_problems, read_json_object, type_problems
 
 from .kernels import CHOICES as KERNEL_CHOICES
 from .options import DTYPES, REMAT_POLICIES, ModelOptions
@@ -52,24 +52,6 @@ RUN_CHOICES = {
     "kernels": KERNEL_CHOICES,
     "remat_policy": (None, *REMAT_POLICIES),
 }
-
-
-def read_json_object(path: str | Path, *, what: str) -> dict:
-    """A JSON object from a file; one clear error naming the file otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path}: must hold a JSON object, got a {type(data).__name__}")
-    return data
 
 
 @dataclasses.dataclass(frozen=True)

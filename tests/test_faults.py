@@ -271,6 +271,17 @@ def test_sigterm_saves_the_steps_done(reference, env, tmp_path):
     assert_same_run(out, reference)
 
 
+def test_ctrl_c_saves_and_exits_130(env, tmp_path):
+    """SIGINT (Ctrl-C) as SIGTERM: the steps done are saved, then exit 130 (128 + SIGINT)."""
+    out = tmp_path / "run"
+    run = Training(out, env, "--save-every", "1000")
+    for _ in range(3):
+        assert run.next_progress() is not None, run.stderr[-2000:]
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 128 + signal.SIGINT, run.stderr[-2000:]
+    assert complete_steps(out) == [run.steps_seen()]
+
+
 def test_sigterm_on_a_checkpoint_step(env, tmp_path):
     out = tmp_path / "run"
     run = _sigterm_after(out, env, 3, "--save-every", "1")

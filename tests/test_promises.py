@@ -270,6 +270,35 @@ def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys):
     assert summary["steps"] == 3
 
 
+@needs_tokenizer
+def test_every_sample_too_long_is_a_clear_error(tmp_path):
+    """Every synthetic sample is longer than --max-length 16: the run says so and stops at step 1
+    (not "loss is nan"), writing no checkpoint."""
+    from jaxvlm.train_loop import train
+
+    with pytest.raises(
+        ValueError,
+        match=r"step 1: no sample in the batch has a token to train on; \d+ sample\(s\) longer than --max-length 16 skipped",
+    ):
+        train(_run(tmp_path / "run", max_length=16))
+    assert not any((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+
+
+def test_text_files_that_are_not_utf8_name_the_file(tmp_path):
+    from cli.generate import _batch_rows
+    from jaxvlm.data import llava_dataset
+
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"rows.jsonl: not UTF-8 text"):
+        _batch_rows(bad)
+    with pytest.raises(ValueError, match=r"rows.jsonl: not UTF-8 text"):
+        llava_dataset(bad, encoder=None)
+    (tmp_path / "config.json").write_bytes('{"vit_model_type": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config.json: not UTF-8 text"):
+        VLMConfig.from_json(tmp_path / "config.json")
+
+
 # ---- one line, exit 2: validated in one place --------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value, message",
@@ -351,6 +380,23 @@ def test_command_lines_refuse_bad_settings_with_one_line(tiny_dir, tmp_path):
         code, _, err = run_cli(*args)
         one_error_line(code, err, message)
     assert not Path(out).exists()
+    # a user's directory as --output-dir, and a model directory whose config.json is bad
+    mine = user_dir(tmp_path)
+    before = snapshot(mine)
+    code, _, err = run_cli("-m", "jaxvlm", "train", "--tokenizer", str(SMOLLM2), "--output-dir", str(mine))
+    one_error_line(code, err, "is not a jaxvlm run directory", "--overwrite")
+    assert snapshot(mine) == before
+    bad = tmp_path / "bad_model"
+    bad.mkdir()
+    for f in tiny_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(
+        json.dumps(dict(json.loads((tiny_dir / "config.json").read_text()), lm_hidden_dim=64.0))
+    )
+    code, _, err = run_cli("-m", "jaxvlm", "generate", "--model", str(bad), "--prompt", "hi", "--greedy")
+    one_error_line(code, err, "config.json", "lm_hidden_dim 64.0: must be an integer")
+    code, _, err = run_cli(*train, "--model", "lm_vocab_size=30000000")
+    one_error_line(code, err, "lm_vocab_size 30000000 must be <= 1,048,576")
 
 
 def test_broken_orbax_directory_is_one_line(tiny_dir, tmp_path):

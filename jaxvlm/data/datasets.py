@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image
 
+from conversion.validation import read_utf8
+
 from .encoding import SampleEncoder, SampleError
 
 log = logging.getLogger(__name__)
@@ -124,7 +126,7 @@ def _read_rows(path: Path) -> list[Any]:
                 f"{path}: reading parquet needs pyarrow, which is not installed; convert the file to JSONL"
             ) from None
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
@@ -277,7 +279,10 @@ def coco_captions_dataset(
         raise FileNotFoundError(f"COCO captions index not found: {index}")
     if captions not in ("first", "all"):
         raise ValueError(f"captions must be 'first' or 'all', got {captions!r}")
-    data = json.loads(index.read_text())
+    try:
+        data = json.loads(read_utf8(index))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise ValueError(f"{index}: expected an object with an 'images' list")
