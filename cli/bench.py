@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from conversion import atomic
+from conversion.atomic import check_output_file
 from conversion.recipe import IGNORE_INDEX
 
 PARTS = ("matmul", "jax-train", "jax-train-plain", "torch-train", "torch-compile", "jax-decode", "torch-decode")
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     p.add_argument(
         "--host-memory",
         choices=("tuned", "default"),
@@ -345,6 +347,8 @@ def main_args(args) -> int:
     if args.part:  # a child: one part, JSON on the last line of stdout
         print(json.dumps(run_part(args.part, args)))
         return 0
+    if args.json:
+        check_output_file(args.json, overwrite=args.overwrite, flag="--json")
     cfg = config_of(args)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from cli.runner import exit_with, run
+from conversion.atomic import atomic_file, check_output_file
 from conversion.pretrained import read_config
 from jaxvlm.host_memory import reexec_with_huge_pages
 
@@ -130,11 +131,13 @@ def cmd_synthetic(args) -> int:
     from jaxvlm.image_processing import ImageProcessor
     from jaxvlm.tokenizer import load_tokenizer
 
+    out = check_output_file(args.out, overwrite=args.overwrite)
     cfg = read_config(args.model)
     tokenizer = load_tokenizer(Path(args.model), extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder(tokenizer, ImageProcessor.from_config(cfg), cfg.n_image_tokens)
     ds = SyntheticShapesDataset(encoder, split=args.split, size=args.index + 1, seed=args.seed)
-    ds.image(args.index).save(args.out)
+    with atomic_file(out, "wb") as f:
+        ds.image(args.index).save(f, format="PNG")
     print(json.dumps({"image": args.out, "question": ds.question(args.index), "answer": ds.answer(args.index)}))
     return 0
 
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="PNG path")
+    s.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     s.set_defaults(func=cmd_synthetic)
 
     from .bench import add_bench_parser

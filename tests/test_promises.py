@@ -397,6 +397,11 @@ def test_command_lines_refuse_bad_settings_with_one_line(tiny_dir, tmp_path):
     one_error_line(code, err, "config.json", "lm_hidden_dim 64.0: must be an integer")
     code, _, err = run_cli(*train, "--model", "lm_vocab_size=30000000")
     one_error_line(code, err, "lm_vocab_size 30000000 must be <= 1,048,576")
+    picture = tmp_path / "mine.png"
+    picture.write_bytes(b"the user's picture")
+    code, _, err = run_cli("-m", "jaxvlm", "synthetic", "--model", str(tiny_dir), "--out", str(picture))
+    one_error_line(code, err, "already exists", "--overwrite")
+    assert picture.read_bytes() == b"the user's picture"
 
 
 def test_broken_orbax_directory_is_one_line(tiny_dir, tmp_path):
