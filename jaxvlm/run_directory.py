@@ -5,7 +5,8 @@ time, and never taken over from a user's files without `--overwrite`.
   DIR/.jaxvlm-run.lock   an advisory lock (fcntl) held while the run is alive
 
 Rules (`open_run_directory`):
-- a missing or empty DIR becomes a run directory;
+- a missing or empty DIR becomes a run directory (with `resume` too: a job that always passes
+  --resume starts its first run so);
 - a run directory is continued with `resume`, or started over with `overwrite` (its previous
   checkpoints, metrics and outputs, all written by a jaxvlm run, are removed first);
 - any other non-empty DIR is refused unless `overwrite` (then only the run's own file names are
@@ -60,10 +61,8 @@ def open_run_directory(path: str | Path, *, resume: bool, overwrite: bool, prima
         return RunDirectory(path, None, {})
     is_run = is_run_directory(path)
     non_empty = path.is_dir() and any(path.iterdir())
-    if resume and not is_run:
-        if non_empty:
-            raise ValueError(f"--resume: {path} is not a jaxvlm run directory (it has no {MARKER} marker)")
-        raise FileNotFoundError(f"--resume: {path} holds no run to resume")
+    if resume and not is_run and non_empty:
+        raise ValueError(f"--resume: {path} is not a jaxvlm run directory (it has no {MARKER} marker)")
     if non_empty and not is_run and not overwrite:
         raise FileExistsError(
             f"--output-dir {path} is not empty and is not a jaxvlm run directory: choose a new directory, "

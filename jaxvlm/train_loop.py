@@ -363,11 +363,14 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
 
     checkpoints = TrainCheckpoints(ckpt_dir, keep=run.keep)
     start = 0
-    if run.resume:
-        state, meta = restore_newest_good(checkpoints, state)
+    restored = restore_newest_good(checkpoints, state) if run.resume else None
+    if restored is not None:
+        state, meta = restored
         loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
         print(f"resumed from {ckpt_dir / str(start)} (step {start})", flush=True)
+    elif run.resume:
+        print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0", file=sys.stderr, flush=True)
     if primary:  # only once the model, the data and any checkpoint have loaded
         atomic.write_text(out / "run_config.json", json.dumps(dataclasses.asdict(run), indent=2))
     metrics = MetricsLog(out, start, write=primary)
@@ -471,14 +474,12 @@ def _skipped(loader, run: RunConfig) -> str:
 
 
 def restore_newest_good(checkpoints, state):
-    """Restore the newest checkpoint that restores; say which newer ones are broken. Raises
-    naming every broken one when none restores, or when there is none."""
+    """(state, meta) of the newest checkpoint that restores, saying which newer ones are broken
+    (renamed STEP.broken); None when there is no checkpoint; raises naming every broken one when
+    none restores."""
     steps = sorted(checkpoints.manager.all_steps(), reverse=True)
     if not steps:
-        raise FileNotFoundError(
-            f"--resume: no complete checkpoint in {checkpoints.directory}: run without --resume "
-            "(with --overwrite) to start over"
-        )
+        return None
     broken = []
     for step in steps:
         try:
