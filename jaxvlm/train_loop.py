@@ -41,7 +41,7 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "grad_accum": (1, None), "lr_mp": (0.0, None), "lr_vision_backbone": (0.0, None),
     "lr_language_backbone": (0.0, None), "max_grad_norm": (1e-12, None), "weight_decay": (0.0, None),
     "seed": (0, 2**32 - 1), "max_length": (1, None), "save_every": (1, None), "keep": (1, None),
-    "log_every": (1, None), "stop_after": (1, None), "num_processes": (1, None), "process_id": (0, None),
+    "log_every": (1, None), "stop_after": (0, None), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
 }  # fmt: skip
 RUN_CHOICES = {
@@ -89,7 +89,9 @@ class RunConfig:
     log_every: int = 10
     resume: bool = False
     overwrite: bool = False  # start over in a run directory, or write into a non-empty other directory
-    stop_after: int | None = None  # end this invocation after this many steps (the schedule still spans `steps`)
+    stop_after: int | None = (
+        None  # end this invocation after this many steps (0: export the start; the schedule still spans `steps`)
+    )
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
     # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
