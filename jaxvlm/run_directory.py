@@ -11,7 +11,8 @@ Rules (`open_run_directory`):
   checkpoints, metrics and outputs, all written by a jaxvlm run, are removed first);
 - any other non-empty DIR is refused unless `overwrite` (then only the run's own file names are
   written; nothing else in DIR is touched); `resume` needs a run directory;
-- a DIR another live run holds is refused, naming that run's process.
+- a DIR another live run holds is refused, naming that run's process;
+- temporaries of the run's outputs that a killed run left behind are removed once the lock is held.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def open_run_directory(path: str | Path, *, resume: bool, overwrite: bool, prima
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        if is_run:
+            remove_stale_temporaries(path)
         if is_run and resume:
             marker = _read_marker(path)
         else:
@@ -94,6 +97,19 @@ def open_run_directory(path: str | Path, *, resume: bool, overwrite: bool, prima
         os.close(lock_fd)
         raise
     return RunDirectory(path, lock_fd, marker)
+
+
+def remove_stale_temporaries(path: Path) -> list[str]:
+    """Remove the temporaries of run outputs (`conversion.atomic` names) that a killed run left
+    in `path`. Called with the lock held, so no live writer owns them; nothing else is touched."""
+    removed = []
+    for name in RUN_OUTPUTS + (MARKER,):
+        for prefix in (atomic.TMP_PREFIX, atomic.TMP_PREFIX + "old-"):
+            for tmp in path.glob(f"{prefix}{name}.*"):
+                if tmp.name.rsplit(".", 1)[-1].isdigit():
+                    shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+                    removed.append(tmp.name)
+    return removed
 
 
 def _lock(path: Path) -> int:

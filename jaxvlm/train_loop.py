@@ -270,11 +270,19 @@ def stack_group(micro_batches: list[dict]) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl (one line per logged step) and loss_curve.png in the output directory."""
+    """metrics.jsonl (one line per logged step) and loss_curve.png in the output directory.
 
-    def __init__(self, directory: Path, resume_step: int, write: bool = True):
+    The file is replaced whole (`conversion.atomic`), never appended to: a killed run leaves the
+    previous complete version. It is rewritten at most every `flush_every_s` seconds and at every
+    `flush()` (each checkpoint and the end of the run), so rows lost to a kill are only ones after
+    the last checkpoint, which a resumed run writes again."""
+
+    def __init__(self, directory: Path, resume_step: int, write: bool = True, flush_every_s: float = 10.0):
         self.path = directory / "metrics.jsonl"
         self.write = write  # one writer per file: False on all but process 0
+        self.flush_every_s = flush_every_s
+        self._flushed = time.monotonic()
+        self._pending = False
         rows = []
         if resume_step > 0 and self.path.exists():  # keep the history up to the step we resume from
             text = self.path.read_text()
@@ -288,9 +296,14 @@ class MetricsLog:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        if self.write:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        self._pending = True
+        if time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.write and self._pending:
+            atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._flushed, self._pending = time.monotonic(), False
 
     def plot(self, path: Path) -> None:
         from .plotting import plot_curve
@@ -388,6 +401,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     def save(step: int) -> None:
         check_finite(step, "checkpoint")
         checkpoints.save(step, state, {"step": step, "loader": loader.state_dict(), "seed": run.seed})
+        metrics.flush()
 
     stop = _StopFlag()
     batches = loader.forever()
@@ -440,6 +454,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     finally:
         stop.restore()
         checkpoints.close()
+        metrics.flush()  # a run that stopped on an error keeps the rows up to it
     elapsed = time.perf_counter() - t_start
 
     final = out / "model"
@@ -462,6 +477,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         with atomic.atomic_directory(final, replace=True) as tmp:
             save_nanovlm(final_model, tmp)
             copy_tokenizer(tok_path, tmp, replace=False)
+        metrics.flush()
         metrics.plot(out / "loss_curve.png")
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -99,15 +99,20 @@ class Training:
 
     def next_progress(self, timeout: float = 120) -> int | None:
         """The step of the next progress line, or None when the process has ended."""
+        m = self.next_match(PROGRESS, timeout)
+        return int(m.group(1)) if m else None
+
+    def next_match(self, pattern: re.Pattern, timeout: float = 120) -> re.Match | None:
+        """The next stdout line matching `pattern`, or None when the process has ended."""
         deadline = time.monotonic() + timeout
         while True:
             line = self._q.get(timeout=max(deadline - time.monotonic(), 0.01))
             if line is None:
                 return None
             self.lines.append(line)
-            m = PROGRESS.match(line)
+            m = pattern.match(line)
             if m:
-                return int(m.group(1))
+                return m
 
     def finish(self, timeout: float = 180) -> int:
         code = self.proc.wait(timeout=timeout)
@@ -139,6 +144,33 @@ def final_tensors(out: Path) -> dict[str, np.ndarray]:
 
 def losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_outputs_whole(out: Path) -> None:
+    """Every run output under its final name is complete (the promise of conversion.atomic):
+    the JSON files parse, every metrics line is whole, the plot is a valid PNG, and a model/
+    directory holds a config, readable weights and the tokenizer."""
+    from PIL import Image
+
+    for name in (".jaxvlm-run", "run_config.json", "summary.json"):
+        if (out / name).exists():
+            assert isinstance(json.loads((out / name).read_text()), dict), name
+    if (out / "metrics.jsonl").exists():
+        text = (out / "metrics.jsonl").read_text()
+        assert text == "" or text.endswith("\n"), "metrics.jsonl ends in a cut line"
+        steps = [json.loads(line)["step"] for line in text.splitlines()]
+        assert steps == sorted(set(steps)), f"metrics.jsonl steps {steps}"
+    if (out / "loss_curve.png").exists():
+        with Image.open(out / "loss_curve.png") as im:
+            im.verify()
+    if (out / "model").exists():
+        assert json.loads((out / "model" / "config.json").read_text())
+        assert load_safetensors(out / "model" / "model.safetensors")[0]
+        assert (out / "model" / "tokenizer.json").is_file()
+
+
+def stale_temporaries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob(".tmp-*"))
 
 
 def assert_same_run(out: Path, ref: Path) -> None:
@@ -219,6 +251,7 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(refere
                         f"kill {kills}: resumed at {run.resumed_step()}, latest checkpoint was {latest}"
                     )
                 latest = max(complete_steps(out), default=None)
+                assert_outputs_whole(out)
                 log.append(
                     f"kill {kills}: after {wait} progress line(s) + {delay:.2f} s; resumed at {before}, "
                     f"reached step {seen}, latest complete checkpoint now {latest}"
@@ -235,6 +268,8 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_parameters(refere
             log.append(f"chain {chains}: finished from step {latest}")
             break
         assert_same_run(out, reference)
+        assert_outputs_whole(out)
+        assert not stale_temporaries(out), stale_temporaries(out)
     print("\n".join(log))
     record(
         "SIGKILL trials",
@@ -297,3 +332,39 @@ def test_resume_after_the_final_checkpoint(reference, env, tmp_path):
     run = Training(out, env, "--resume")
     assert run.finish() == 0, run.stderr[-2000:]
     assert_same_run(out, reference)
+
+
+def test_sigkill_while_exporting_leaves_whole_outputs(env, tmp_path):
+    """SIGKILL after the last step, while the final checkpoint, model/, metrics, plot and summary
+    are written (a resume of a finished run goes straight there): every output under its final
+    name is complete or absent after each kill; the run then finishes, and the temporaries the
+    killed processes left are removed."""
+    out, TRIALS = tmp_path / "run", 6
+    rng = np.random.default_rng(7)
+    log = []
+    for trial in range(TRIALS):
+        run = Training(out, env, "--resume", "--steps", "4", "--save-every", "1000")
+        if 4 in complete_steps(out):  # nothing left to train: it restores step 4 and exports
+            assert run.next_match(RESUMED) is not None, run.stderr[-2000:]
+        else:  # the last step's progress line, then the final checkpoint and the export
+            while (step := run.next_progress()) is not None and step < 4:
+                pass
+        time.sleep(float(rng.uniform(0.0, 0.6)))
+        killed = run.proc.poll() is None
+        if killed:
+            run.proc.send_signal(signal.SIGKILL)
+        run.finish()
+        assert_outputs_whole(out)
+        present = [n for n in ("model", "metrics.jsonl", "loss_curve.png", "summary.json") if (out / n).exists()]
+        log.append(f"trial {trial}: {'killed' if killed else 'finished first'}; present: {present}, "
+                   f"temporaries: {stale_temporaries(out)}")  # fmt: skip
+    run = Training(out, env, "--resume", "--steps", "4", "--save-every", "1000")
+    assert run.finish() == 0, run.stderr[-2000:]
+    assert_outputs_whole(out)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert not stale_temporaries(out), stale_temporaries(out)
+    print("\n".join(log))
+    record(
+        "SIGKILL while exporting",
+        f"{sum('killed' in x for x in log)} of {TRIALS} kills landed; outputs whole after each",
+    )

@@ -460,3 +460,101 @@ def test_sigkill_never_leaves_a_partial_conversion(tiny_dir, tmp_path):
 
     args = ["-m", "conversion", "to-jax", str(tiny_dir), str(dst)]
     _kill_at_random(args, list(np.random.default_rng(1).uniform(1.0, 8.0, 4)), check)
+
+
+# ---- the same faults through the command lines: one line, exit 2, the user's files unchanged ---------
+def _copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+@needs_tokenizer
+def test_strict_loading_through_the_command_lines(tiny_dir, tmp_path):
+    """Each loading fault of the in-process tests above, given to `jaxvlm generate` and `python -m
+    conversion`: exit 2, one line naming the tensor, field or file; no output written."""
+    relabelled = _copy_dir(tiny_dir, tmp_path / "relabelled")
+    tensors = dict(read_checkpoint(relabelled)[1])
+    tensors["MP.proj.weight"] = tensors["MP.proj.weight"].view(np.int32)
+    save_safetensors(relabelled / "model.safetensors", tensors, metadata={"format": "pt"})
+    nan = _copy_dir(tiny_dir, tmp_path / "nan")
+    tensors = dict(read_checkpoint(nan)[1])
+    tensors["decoder.norm.weight"] = np.full_like(tensors["decoder.norm.weight"], np.nan)
+    save_safetensors(nan / "model.safetensors", tensors, metadata={"format": "pt"})
+    config = json.loads((tiny_dir / "config.json").read_text())
+    bad_configs = {"lm_rms_eps": (-1e-5, "lm_rms_eps -1e-05 must be >= 1e-12"),
+                   "lm_tie_weights": ("false", "lm_tie_weights 'false': must be true or false")}  # fmt: skip
+    for field, (value, _) in bad_configs.items():
+        d = _copy_dir(tiny_dir, tmp_path / field)
+        (d / "config.json").write_text(json.dumps(dict(config, **{field: value})))
+    small_vocab = tmp_path / "small_vocab"  # a 166-token model beside the 49,152-token SmolLM2 tokenizer
+    torch_ref.VisionLanguageModel(tiny_cfg(lm_base_vocab_size=100, lm_vocab_size=166)).save_pretrained(small_vocab)
+    for name in TOKENIZER_FILES:
+        shutil.copy(SMOLLM2 / name, small_vocab / name)
+    generate = ("-m", "jaxvlm", "generate", "--prompt", "hi", "--greedy", "--max-new-tokens", "2", "--model")
+    cases = [
+        (generate + (str(relabelled),), ("MP.proj.weight' has dtype int32",)),
+        (("-m", "conversion", "to-jax", str(relabelled), str(tmp_path / "out")), ("MP.proj.weight' has dtype int32",)),
+        (generate + (str(nan),), ("decoder.norm.weight' has 64 non-finite value",)),
+        (("-m", "conversion", "check", str(nan)), ("decoder.norm.weight' has 64 non-finite value",)),
+        (generate + (str(small_vocab),), ("base vocabulary 49152 != the model's lm_base_vocab_size 100",)),
+        *[(generate + (str(tmp_path / f),), ("config.json", m)) for f, (_, m) in bad_configs.items()],
+    ]
+    for args, patterns in cases:
+        code, out, err = run_cli(*args)
+        one_error_line(code, err, *patterns)
+        assert out == "", out
+    assert not (tmp_path / "out").exists()
+    batch = _batch_file(tmp_path, [{"prompt": "a"}, {"prompt": "b", "images": [5]}])
+    answers = tmp_path / "answers.jsonl"
+    code, _, err = run_cli("-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--batch", str(batch),
+                           "--out", str(answers), "--greedy")  # fmt: skip
+    one_error_line(code, err, "prompts.jsonl:2: 'images' must be a list of image paths")
+    assert not answers.exists()
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    """The run directory's bytes, but the lock file (it holds the pid of the last process to lock)."""
+    return {k: v for k, v in snapshot(run_dir).items() if k != ".jaxvlm-run.lock"}
+
+
+@pytest.mark.slow
+@needs_tokenizer
+def test_run_directory_faults_through_the_command_line(tmp_path, jax_cache):
+    """`jaxvlm train` on a run directory: a failed --resume, a directory held by a live run, and a
+    corrupt latest checkpoint, as a user meets them: exit code, one line, every file's bytes."""
+    from jaxvlm.run_directory import open_run_directory
+
+    out = tmp_path / "run"
+    train = ("-m", "jaxvlm", "train", "--tokenizer", str(SMOLLM2), "--output-dir", str(out), "--steps", "3",
+             "--batch-size", "4", "--synthetic-size", "32", "--save-every", "1", "--max-length", "128", "--seed", "1")  # fmt: skip
+    code, _, err = run_cli(*train, "--stop-after", "2", env=jax_cache)  # checkpoints 1 and 2
+    assert code == 0, err[-5:]
+    before = _files(out)
+    code, _, err = run_cli(*train, "--resume", "--model", "lm_n_blocks=3", env=jax_cache)
+    one_error_line(code, err, "--resume: no checkpoint can be restored")
+    assert _files(out) == before  # run_config.json keeps the settings of the run that wrote it
+    held = open_run_directory(out, resume=True, overwrite=False)
+    try:
+        code, _, err = run_cli(*train, "--resume", env=jax_cache)
+        one_error_line(code, err, f"is in use by another run (pid {os.getpid()})")
+    finally:
+        held.close()
+    assert _files(out) == before
+    for f in (out / "checkpoints" / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[:50])
+    code, stdout, err = run_cli(*train, "--resume", env=jax_cache)
+    assert code == 0, err[-5:]
+    assert any("checkpoints/2 (" in line and "cannot be restored; resuming from step 1" in line for line in err), err
+    assert "resumed from" in stdout and json.loads((out / "summary.json").read_text())["steps"] == 3
+    # the broken one kept aside, steps 2 and 3 saved again (--keep 2 removed step 1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "2.broken", "3"]
+    for step in ("2", "3"):  # every checkpoint now on disk broken: stop, naming each
+        for f in (out / "checkpoints" / step).rglob("*"):
+            if f.is_file() and f.stat().st_size > 100:
+                f.write_bytes(f.read_bytes()[:50])
+    before = _files(out)
+    code, _, err = run_cli(*train, "--steps", "4", "--resume", env=jax_cache)
+    one_error_line(code, err, "no checkpoint can be restored", "checkpoints/3 (", "checkpoints/2 (")
+    assert _files(out) == before
