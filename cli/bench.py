@@ -4,13 +4,17 @@ Each contender runs in its own subprocess (so its peak resident memory is its ow
 the other, on the same checkpoint (random weights written once by torch_ref) and the same
 seeded batch:
 
-  matmul        fp32 GEMM throughput of this machine (best of jax / torch / numpy) and the
-                memory bandwidth (a large array copy): the yardsticks for MFU and decode
-  jax-train     the jitted jaxvlm train step (AdamW, clipping, upstream's recipe), fp32, with the
-                kernels `jaxvlm.kernels` picks for this backend (xla_cpu on a CPU)
+  matmul        GEMM throughput on the device (best of jax / torch, and numpy on a CPU) in fp32
+                and, with --dtype bfloat16, in bf16 (jax: bf16 operands accumulated in fp32, as
+                the model's matmuls; torch: bf16 mm), each synchronised; and the memory
+                bandwidth: the yardsticks for MFU and decode
+  jax-train     the jitted jaxvlm train step (AdamW, clipping, upstream's recipe) in --dtype
+                (bf16: bf16 matmuls, fp32 master weights), with the kernels `jaxvlm.kernels`
+                picks for this backend (xla_cpu on a CPU)
   jax-train-plain  the same step with the plain kernels (autodiff, jax.nn.dot_product_attention):
                 what the backend's tuned kernels buy, measured side by side
-  torch-train   torch_ref's eager train step (the same recipe)
+  torch-train   torch_ref's eager train step (the same recipe) on the same device (cuda when
+                there is one), bf16 as upstream trains: the forward under torch.autocast
   torch-compile torch_ref's step with the model under torch.compile
   jax-decode    jaxvlm.generate, greedy, batch 1 and 8: decode tokens/s
   torch-decode  torch_ref.generate (eager, KV cache), the same prompts
@@ -21,11 +25,13 @@ jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest wher
 docs/performance.md). `default` runs every part with
 glibc's defaults. The report names each part's setting.
 
-Step times are medians over --steps after warm-up; compile time is the first call's time minus
-a step's. MFU = model FLOPs per step (analytic: 3x the forward's matmul and attention FLOPs)
-/ step time / measured matmul FLOP/s: against the best 2048^3 fp32 GEMM any framework reached
-in the matmul part (the headline), and against the contender's own framework's GEMM (jax's
-for jaxvlm, torch's for torch_ref).
+Step times are medians over --steps after warm-up, each step synchronised (the loss is read
+back); compile time is the first call's time minus a step's. MFU = model FLOPs per step
+(analytic: 3x the forward's matmul and attention FLOPs) / step time / measured matmul FLOP/s
+in the run's dtype: against the best square GEMM (2048^3 on a CPU, 8192^3 on a GPU) any
+framework reached in the matmul part (the headline), and against the contender's own
+framework's GEMM (jax's for jaxvlm, torch's for torch_ref). Peak memory: the process's peak
+RSS, and on a GPU the device's peak bytes in use.
 The decode bound is the decoder's parameter bytes (read once per token; the ViT is not read
 while decoding) over the read bandwidth measured in the matmul part (the faster of a 1 GiB
 reduction in jax and in torch). The labels cover every text position, so jaxvlm's
@@ -117,46 +123,73 @@ def timed(fn, steps: int, warmup: int = 1) -> dict:
 
 
 # ---- the parts (each runs in its own process) --------------------------------------------------------
+def torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync_torch() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def part_matmul(args, cfg) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
 
-    n = 2048
+    on_cpu = jax.default_backend() == "cpu"
+    n = 2048 if on_cpu else 8192
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     flops = 2 * n**3
-    ja = jnp.asarray(a)
-    f = jax.jit(lambda x: x @ x)
-    f(ja).block_until_ready()
-    t_jax = min(_time(lambda: f(ja).block_until_ready()) for _ in range(5))
-    ta = torch.from_numpy(a)
-    torch.mm(ta, ta)
-    t_torch = min(_time(lambda: torch.mm(ta, ta)) for _ in range(5))
-    t_np = min(_time(lambda: a @ a) for _ in range(3))
+    device = torch_device()
+
+    def jax_rate(dtype) -> float:
+        ja = jnp.asarray(a, dtype)
+        f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32).astype(x.dtype))
+        f(ja).block_until_ready()
+        return flops / min(_time(lambda: f(ja).block_until_ready()) for _ in range(5)) / 1e9
+
+    def torch_rate(dtype) -> float:
+        ta = torch.from_numpy(a).to(device=device, dtype=dtype)
+        torch.mm(ta, ta)
+        _sync_torch()
+        return flops / min(_time(lambda: (torch.mm(ta, ta), _sync_torch())) for _ in range(5)) / 1e9
+
+    out = {"n": n, "gflops_jax": jax_rate(jnp.float32), "gflops_torch": torch_rate(torch.float32)}
+    out["peak_gflops_float32"] = max(out["gflops_jax"], out["gflops_torch"])
+    if on_cpu:
+        out["gflops_numpy"] = flops / min(_time(lambda: a @ a) for _ in range(3)) / 1e9
+        out["peak_gflops_float32"] = max(out["peak_gflops_float32"], out["gflops_numpy"])
+    if args.dtype == "bfloat16":
+        out["gflops_jax_bfloat16"] = jax_rate(jnp.bfloat16)
+        out["gflops_torch_bfloat16"] = torch_rate(torch.bfloat16)
+        out["peak_gflops_bfloat16"] = max(out["gflops_jax_bfloat16"], out["gflops_torch_bfloat16"])
+    out["peak_gflops"] = out[f"peak_gflops_{args.dtype}"]  # the MFU yardstick: the run's dtype
     # Random contents: pages of identical bytes (np.ones) can be merged by the host (KSM) and
     # then read from cache, which inflates a bandwidth figure.
     rng = np.random.default_rng(1)
-    big = rng.random(64 * 2**20, dtype=np.float32)  # 256 MiB
-    out = np.empty_like(big)
-    t_copy = min(_time(lambda: np.copyto(out, big)) for _ in range(5))
-    out = None  # freed before the next large buffer
-    # Read-only bandwidth (what streaming weights needs): a 1 GiB sum, both frameworks' best.
+    if on_cpu:
+        big = rng.random(64 * 2**20, dtype=np.float32)  # 256 MiB
+        dst = np.empty_like(big)
+        out["bandwidth_gb_s"] = 2 * big.nbytes / min(_time(lambda: np.copyto(dst, big)) for _ in range(5)) / 1e9
+        big = dst = None  # freed before the next large buffer
+    # Read-only bandwidth (what streaming weights needs): a 1 GiB sum on the device, both frameworks' best.
     host = rng.random(2**28, dtype=np.float32)
     jbig = jnp.asarray(host)
     jsum = jax.jit(jnp.sum)
     jsum(jbig).block_until_ready()
     t_read_jax = min(_time(lambda: jsum(jbig).block_until_ready()) for _ in range(5))
     jbig = None
-    tbig = torch.from_numpy(host)
-    t_read_torch = min(_time(lambda: tbig.sum()) for _ in range(5))
-    return {
-        "gflops_jax": flops / t_jax / 1e9,
-        "gflops_torch": flops / t_torch / 1e9,
-        "gflops_numpy": flops / t_np / 1e9,
-        "peak_gflops": flops / min(t_jax, t_torch, t_np) / 1e9,
-        "bandwidth_gb_s": 2 * big.nbytes / t_copy / 1e9,  # copy: read + write
-        "read_bandwidth_gb_s": 4 * 2**28 / min(t_read_jax, t_read_torch) / 1e9,
-    }
+    tbig = torch.from_numpy(host).to(device)
+    tbig.sum()
+    t_read_torch = min(_time(lambda: (tbig.sum(), _sync_torch())) for _ in range(5))
+    out["read_bandwidth_gb_s"] = 4 * 2**28 / min(t_read_jax, t_read_torch) / 1e9
+    out.setdefault("bandwidth_gb_s", out["read_bandwidth_gb_s"])
+    return out
 
 
 def _time(fn) -> float:
@@ -179,14 +212,34 @@ def jax_train_setup(model, cfg, batch_size: int, seq_len: int, images_per_sample
     return trainer, state, trainer.place_batch(group)
 
 
-def part_jax_train(args, cfg, kernels: str = "auto") -> dict:
+def jax_device_memory() -> dict:
+    """The device's name and peak bytes in use (None where the backend does not count them)."""
     import jax
 
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"device": device.device_kind, "peak_device_mb": peak / 2**20 if peak else None}
+
+
+def torch_device_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "peak_device_mb": None}
+    return {"device": torch.cuda.get_device_name(), "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def jax_options(args, kernels: str = "auto"):
     from jaxvlm.options import ModelOptions
+
+    return ModelOptions(compute_dtype=args.dtype, kernels=kernels, remat=args.remat)
+
+
+def part_jax_train(args, cfg, kernels: str = "auto") -> dict:
     from jaxvlm.pretrained import load_nanovlm
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    model = load_nanovlm(args.checkpoint, options=ModelOptions(kernels=kernels))
+    model = load_nanovlm(args.checkpoint, options=jax_options(args, kernels))
     trainer, state, batch = jax_train_setup(
         model, cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed
     )
@@ -199,7 +252,13 @@ def part_jax_train(args, cfg, kernels: str = "auto") -> dict:
         losses.append(float(m["loss"]))
 
     out = timed(step, args.steps, warmup=2)
-    return {**out, "losses": losses[:3], "compiles": trainer.compiles, "kernels": model.decoder.kernels.name}
+    return {
+        **out,
+        "losses": losses[:3],
+        "compiles": trainer.compiles,
+        "kernels": model.decoder.kernels.name,
+        **jax_device_memory(),
+    }
 
 
 def part_torch_train(args, cfg, compiled: bool = False) -> dict:
@@ -209,20 +268,29 @@ def part_torch_train(args, cfg, compiled: bool = False) -> dict:
     from conversion.recipe import OptimConfig
     from torch_ref.train import make_optimizer, train_step
 
-    model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).train()
+    device = torch_device()
+    if device == "cuda" and args.dtype == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = False  # as jaxvlm's default "highest": true fp32
+        torch.backends.cudnn.allow_tf32 = False
+    model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).to(device).train()
+    if args.remat:
+        raise ValueError("--remat: torch_ref has no activation checkpointing; leave the torch parts out")
     runner = torch.compile(model) if compiled else model
     ocfg = OptimConfig(max_training_steps=1000)
     optimizer = make_optimizer(model, ocfg)
     b = make_batch(cfg, args.batch_size, args.seq_len, args.images_per_sample, args.seed)
-    mb = {k: torch.as_tensor(v) if v.dtype == np.float32 else torch.as_tensor(v).long() for k, v in b.items()}
+    mb = {
+        k: (torch.as_tensor(v) if v.dtype == np.float32 else torch.as_tensor(v).long()).to(device) for k, v in b.items()
+    }
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     losses, counter = [], {"step": 0}
 
-    def step():
-        losses.append(train_step(runner, optimizer, [mb], counter["step"], ocfg)["loss"])
+    def step():  # the loss is read back (.item()): the step is synchronised
+        losses.append(train_step(runner, optimizer, [mb], counter["step"], ocfg, autocast_dtype=autocast)["loss"])
         counter["step"] += 1
 
     out = timed(step, args.steps, warmup=2)
-    return {**out, "losses": losses[:3], "threads": torch.get_num_threads()}
+    return {**out, "losses": losses[:3], "threads": torch.get_num_threads(), **torch_device_memory()}
 
 
 def _prompts(cfg, batch: int, seed: int):
@@ -241,7 +309,7 @@ def part_decode(args, cfg, framework: str) -> dict:
         from jaxvlm.generate import generate
         from jaxvlm.pretrained import load_nanovlm
 
-        model = load_nanovlm(args.checkpoint)
+        model = load_nanovlm(args.checkpoint, options=jax_options(args))
 
         def gen(ids, mask, images, n):
             return np.asarray(jax.block_until_ready(generate(model, ids, images, mask, max_new_tokens=n, greedy=True)))
@@ -251,11 +319,13 @@ def part_decode(args, cfg, framework: str) -> dict:
         import torch_ref
         from torch_ref.generate import generate
 
-        model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).eval()
+        device = torch_device()
+        model = torch_ref.VisionLanguageModel.from_pretrained(args.checkpoint).to(device).eval()
+        autocast = args.dtype == "bfloat16"
 
-        def gen(ids, mask, images, n):
-            with torch.no_grad():
-                return generate(model, ids, images, mask, max_new_tokens=n, greedy=True).numpy()
+        def gen(ids, mask, images, n):  # the tokens come back to the host: synchronised
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                return generate(model, ids, images, mask, max_new_tokens=n, greedy=True).cpu().numpy()
 
     out, N = {}, args.new_tokens
     for batch in args.decode_batch:
@@ -303,6 +373,8 @@ def add_shape_args(p: argparse.ArgumentParser, steps_help: str) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--images-per-sample", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help=steps_help)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of every part")
+    p.add_argument("--remat", action="store_true", help="jaxvlm parts: recompute each block in the backward")
 
 
 def config_of(args):
@@ -377,6 +449,9 @@ def main_args(args) -> int:
                 str(args.repeats),
                 "--seed",
                 str(args.seed),
+                "--dtype",
+                args.dtype,
+                *(["--remat"] if args.remat else []),
                 "--decode-batch",
                 *map(str, args.decode_batch),
             ]
@@ -435,8 +510,16 @@ def summarise(cfg, args, r: dict) -> dict:
     n_params = sum(int(np.prod(e.torch_shape)) for e in mapping(cfg))
     flops = 3 * forward_flops(cfg, args.batch_size, args.seq_len, args.batch_size * args.images_per_sample)
     peak = r.get("matmul", {}).get("peak_gflops")
+    devices = sorted({part["device"] for part in r.values() if part.get("device") not in (None, "cpu")})
     out = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "accelerator": ", ".join(devices) or None,
+        },
+        "dtype": args.dtype,
+        "remat": args.remat,
         "preset": args.preset if not args.config else args.config,
         "shape": {
             "batch_size": args.batch_size,
@@ -458,9 +541,10 @@ def summarise(cfg, args, r: dict) -> dict:
                 "tokens_per_s": args.batch_size * args.seq_len / t,
                 "compile_s": r[name]["compile_s"],
                 "peak_rss_mb": r[name]["peak_rss_mb"],
+                "peak_device_mb": r[name].get("peak_device_mb"),
                 "mfu_vs_measured_matmul": (flops / t / 1e9 / peak) if peak else None,
                 "mfu_vs_own_framework_matmul": (flops / t / 1e9 / own)
-                if (own := r.get("matmul", {}).get("gflops_jax" if name.startswith("jax") else "gflops_torch"))
+                if (own := r.get("matmul", {}).get(_own_gemm(name, args.dtype)))
                 else None,
                 "first_losses": r[name]["losses"],
             }
@@ -493,35 +577,50 @@ def summarise(cfg, args, r: dict) -> dict:
     return out
 
 
+def _own_gemm(part: str, dtype: str) -> str:
+    key = "gflops_jax" if part.startswith("jax") else "gflops_torch"
+    return key if dtype == "float32" else f"{key}_{dtype}"
+
+
 def markdown(rep: dict) -> str:
     s = rep["shape"]
     lines = [
         f"\n{rep['preset']} ({s['params'] / 1e6:.0f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
-        f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, fp32; {rep['machine'].get('cpu', '?')}, {rep['machine']['cpus']} CPUs, "
+        f"{s['images_per_sample']} x {s['image_size']} px image(s) per sample, {rep.get('dtype', 'float32')}"
+        f"{' with remat' if rep.get('remat') else ''}; "
+        + (f"{rep['machine']['accelerator']}; host " if rep["machine"].get("accelerator") else "")
+        + f"{rep['machine'].get('cpu', '?')}, {rep['machine']['cpus']} CPUs, "
         f"load average {rep['machine']['load_average'][0]:.1f}"
     ]
     lines.append("host memory (glibc malloc): " + "; ".join(f"{k} {v}" for k, v in rep.get("host_memory", {}).items()))
     if rep["matmul"]:
         m = rep["matmul"]
+        numpy = f", numpy {m['gflops_numpy']:.1f}" if "gflops_numpy" in m else ""
         lines.append(
-            f"measured fp32 matmul: {m['peak_gflops']:.1f} GFLOP/s (jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}, "
-            f"numpy {m['gflops_numpy']:.1f}); copy bandwidth {m['bandwidth_gb_s']:.1f} GB/s; read bandwidth "
-            f"{m.get('read_bandwidth_gb_s', float('nan')):.1f} GB/s"
+            f"measured fp32 matmul: {m.get('peak_gflops_float32', m['peak_gflops']):.1f} GFLOP/s "
+            f"(jax {m['gflops_jax']:.1f}, torch {m['gflops_torch']:.1f}{numpy}); copy bandwidth "
+            f"{m['bandwidth_gb_s']:.1f} GB/s; read bandwidth {m.get('read_bandwidth_gb_s', float('nan')):.1f} GB/s"
         )
+        if "peak_gflops_bfloat16" in m:
+            lines.append(
+                f"measured bf16 matmul: {m['peak_gflops_bfloat16']:.1f} GFLOP/s (jax, fp32 accumulation, "
+                f"{m['gflops_jax_bfloat16']:.1f}; torch {m['gflops_torch_bfloat16']:.1f}): the MFU yardstick"
+            )
     if rep["train"]:
         lines += [
             "",
             f"train step ({rep['train_step_model_gflops']:.0f} model GFLOP):",
             "",
-            "| contender | step (s) | tokens/s | compile (s) | MFU (best GEMM) | MFU (own framework's GEMM) | peak RSS (MB) | jaxvlm speed-up |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| contender | step (s) | tokens/s | compile (s) | MFU (best GEMM) | MFU (own framework's GEMM) | peak RSS (MB) | peak device memory (MB) | jaxvlm speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         pct = lambda x: f"{x * 100:.0f}%" if x else "-"  # noqa: E731
         for name, t in rep["train"].items():
             sp = f"{t['jaxvlm_speedup']:.2f}x" if "jaxvlm_speedup" in t else "-"
             lines.append(
                 f"| {name} | {t['step_s']:.2f} | {t['tokens_per_s']:.0f} | {t['compile_s']:.1f} | "
-                f"{pct(t['mfu_vs_measured_matmul'])} | {pct(t.get('mfu_vs_own_framework_matmul'))} | {t['peak_rss_mb']:.0f} | {sp} |"
+                f"{pct(t['mfu_vs_measured_matmul'])} | {pct(t.get('mfu_vs_own_framework_matmul'))} | {t['peak_rss_mb']:.0f} | "
+                f"{f'{dev:.0f}' if (dev := t.get('peak_device_mb')) else '-'} | {sp} |"
             )
     if rep["decode"]:
         lines += [

@@ -37,7 +37,6 @@ def parse_args():
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(p, "timed steps before the profiled one")
-    p.add_argument("--remat", action="store_true")
     p.add_argument("--top", type=int, default=30, help="rows of the per-op and per-source tables")
     p.add_argument("--out", help="directory for the trace and HLO dump (default: a temporary one)")
     p.add_argument("--report", metavar="DIR", help="only print the tables of an earlier run's --out DIR")
@@ -65,10 +64,9 @@ def main() -> int:
     from jaxvlm.options import ModelOptions
     from jaxvlm.vision_language_model import VisionLanguageModel
 
-    jax.config.update("jax_default_matmul_precision", "highest")
     cfg = config_of(args)
     trainer, state, batch = jax_train_setup(
-        VisionLanguageModel(cfg, options=ModelOptions(remat=args.remat), rngs=nnx.Rngs(0)),
+        VisionLanguageModel(cfg, options=ModelOptions(remat=args.remat, compute_dtype=args.dtype), rngs=nnx.Rngs(0)),
         cfg,
         args.batch_size,
         args.seq_len,

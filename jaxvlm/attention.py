@@ -13,6 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# What a padded key gets added to its logit: finite in bfloat16 too
+# (finfo(float32).min rounds to -inf in bfloat16, and -inf + -inf rows give NaN), and so large
+# that any logit added to it rounds to it: a query whose visible keys are all padding attends
+# uniformly over them, and exp(MASK_VALUE - max) is exactly 0 in a row with a real key.
+MASK_VALUE = -1e30
+
 
 def attention_bias(
     attention_mask: jax.Array | None,
@@ -24,11 +30,12 @@ def attention_bias(
 ) -> jax.Array | None:
     """Additive float32 bias [B or 1, 1, Tq, Tk] with upstream's semantics, or None.
 
-    Padded keys (mask 0) get finfo.min *added* (not -inf), and the causal mask is -inf on top:
-    a query whose visible keys are all padding then attends uniformly over its causal window,
-    exactly as PyTorch's SDPA does for upstream, instead of producing NaN.
+    Padded keys (mask 0) get MASK_VALUE *added* (finite, not -inf), and the causal mask is -inf
+    on top: a query whose visible keys are all padding then attends uniformly over its causal
+    window, exactly as PyTorch's SDPA does for upstream (finfo.min there), instead of producing
+    NaN; the bias keeps this meaning when cast to bfloat16.
 
-    Example, Tq = Tk = 3, mask [0, 1, 1] (one left pad), m = finfo.min:
+    Example, Tq = Tk = 3, mask [0, 1, 1] (one left pad), m = MASK_VALUE:
         [[m, -inf, -inf],
          [m,    0, -inf],
          [m,    0,    0]]
@@ -38,7 +45,7 @@ def attention_bias(
     bias = None
     if attention_mask is not None:
         keep = attention_mask[:, :k_len].astype(bool)
-        bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]  # (B, 1, 1, Tk)
+        bias = jnp.where(keep, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :]  # (B, 1, 1, Tk)
     if causal:
         q_pos = jnp.arange(q_len)[:, None] + q_offset
         allowed = jnp.arange(k_len)[None, :] <= q_pos  # (Tq, Tk)

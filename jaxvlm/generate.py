@@ -87,7 +87,7 @@ def _prefill(graphdef, state, input_ids, images, attention_mask, n_pad, *, cache
     B, Tb = input_ids.shape
     x = model.embed(input_ids, images)  # (B, Tb, H), images encoded here, once
     positions = jnp.arange(Tb, dtype=jnp.int32)[None] - n_pad  # caller's columns: 0..T-1
-    cache = model.decoder.init_cache(B, cache_len, x.dtype)
+    cache = model.decoder.init_cache(B, cache_len, model.options.compute_dtype)
     hidden, cache = model.decoder.extend(x, positions, cache, 0, attention_mask)
     logits = model.decoder.logits(hidden[:, -1:])[:, 0]
     return logits.astype(jnp.float32), cache

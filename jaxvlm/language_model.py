@@ -177,19 +177,23 @@ class LanguageModel(nnx.Module):
             self.head = linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, False, options, rngs, axes=("embed", "vocab"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """float[B, T, H] -> float[B, T, V]; tied: hidden @ token_embedding^T."""
-        if self.tie_weights:  # token_embedding.attend, through the backend's matmul
-            table = self.token_embedding.embedding[...].astype(self.token_embedding.dtype or hidden.dtype)
-            return constrain(self.kernels.matmul(hidden.astype(table.dtype), table.T), "batch", "length", "vocab")
-        return constrain(self.head(hidden), "batch", "length", "vocab")
+        """float[B, T, H] -> float[B, T, V] (the compute dtype); tied: hidden @ token_embedding^T."""
+        with self.options.precision():
+            if self.tie_weights:  # token_embedding.attend, through the backend's matmul
+                table = self.token_embedding.embedding[...].astype(self.token_embedding.dtype or hidden.dtype)
+                logits = self.kernels.matmul(hidden.astype(table.dtype), table.T)
+            else:
+                logits = self.head(hidden)
+        return constrain(logits, "batch", "length", "vocab")
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
         positions = jnp.arange(x.shape[1])[None]
         cos, sin = self.rotary_embd(positions)
         call = self.options.rematerialise(_call_block)
-        for block in self.blocks:
-            x = constrain(call(block, x, cos, sin, attention_mask), "batch", "length", None)
+        with self.options.precision():
+            for block in self.blocks:
+                x = constrain(call(block, x, cos, sin, attention_mask), "batch", "length", None)
         return self.norm(x)
 
     # ---- cached decoding (used by jaxvlm.generate) ----------------------------------------------
@@ -209,7 +213,8 @@ class LanguageModel(nnx.Module):
         """
         cos, sin = self.rotary_embd(positions)
         new_cache = []
-        for block, block_cache in zip(self.blocks, cache):
-            x, block_cache = block.extend(x, cos, sin, block_cache, index, attention_mask)
-            new_cache.append(block_cache)
+        with self.options.precision():
+            for block, block_cache in zip(self.blocks, cache):
+                x, block_cache = block.extend(x, cos, sin, block_cache, index, attention_mask)
+                new_cache.append(block_cache)
         return self.norm(x), tuple(new_cache)

@@ -29,10 +29,12 @@ def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
 
 class ModalityProjector(nnx.Module):
     def __init__(self, cfg: VLMConfig, options: ModelOptions = ModelOptions(), *, rngs: nnx.Rngs):
+        self.options = options
         self.scale_factor = cfg.mp_pixel_shuffle_factor
         # [s*s*D, H]: a wide-to-model-width projection, sharded like an MLP's down projection.
         self.proj = linear(cfg.mp_input_dim, cfg.lm_hidden_dim, False, options, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[N_img, N, D] -> float[N_img, L, H]."""
-        return self.proj(pixel_shuffle(x, self.scale_factor))
+        with self.options.precision():
+            return self.proj(pixel_shuffle(x, self.scale_factor))

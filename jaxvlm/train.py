@@ -134,6 +134,7 @@ class Trainer:
 
     def __init__(self, model: VisionLanguageModel, ocfg: OptimConfig, mesh: jax.sharding.Mesh | None = None):
         self.ocfg, self.cfg, self.mesh = ocfg, model.cfg, mesh
+        self.options = model.options  # its matmul precision covers the backward pass too
         self.tx = make_optimizer(ocfg)
         self.graphdef, params, rest = nnx.split(model, trainable_filter(ocfg), ...)
         self.compiles = 0
@@ -219,6 +220,10 @@ class Trainer:
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update from A micro-batches (leading axis of every batch array)."""
         self.compiles += 1  # runs only while tracing: counts compilations
+        with self.options.precision():
+            return self._update(state, batch)
+
+    def _update(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         n_micro = batch["input_ids"].shape[0]
 
         def accumulate(grads, micro):

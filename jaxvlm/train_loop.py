@@ -29,7 +29,7 @@ from conversion.recipe import IGNORE_INDEX, OptimConfig
 from conversion.validation import range_problems, read_json_object, type_problems
 
 from .kernels import CHOICES as KERNEL_CHOICES
-from .options import DTYPES, REMAT_POLICIES, ModelOptions
+from .options import DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES, ModelOptions
 from .run_directory import open_run_directory
 from .sharding import MeshConfig
 
@@ -51,6 +51,7 @@ RUN_CHOICES = {
     "preset": PRESETS,
     "kernels": KERNEL_CHOICES,
     "remat_policy": (None, *REMAT_POLICIES),
+    "matmul_precision": MATMUL_PRECISIONS,
 }
 
 
@@ -80,7 +81,9 @@ class RunConfig:
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
     remat: bool = False
     remat_policy: str | None = None  # with remat: a jax.checkpoint_policies name (jaxvlm.options.REMAT_POLICIES)
-    kernels: str = "auto"  # auto (by backend) | xla_cpu | plain: see jaxvlm.kernels
+    kernels: str = "auto"  # auto (by backend) | xla_cpu | cudnn | plain: see jaxvlm.kernels
+    # float32 matmuls: highest (true float32 everywhere) | high | default (TF32 on NVIDIA GPUs); see ModelOptions
+    matmul_precision: str = "highest"
     seed: int = 0
     max_length: int = 1024
     seq_buckets: tuple[int, ...] | None = None
@@ -123,6 +126,7 @@ class RunConfig:
             remat=self.remat,
             remat_policy=self.remat_policy,
             kernels=self.kernels,
+            matmul_precision=self.matmul_precision,
         )
 
     def mesh(self) -> MeshConfig:

@@ -64,12 +64,13 @@ def merge_image_embeddings(
 
 
 def embed_tokens(embedding: nnx.Embed, input_ids: jax.Array) -> jax.Array:
-    """`embedding(input_ids)` (rows of the table in its compute dtype), with the table first
+    """`embedding(input_ids)` (rows of the table in its parameter dtype: the residual stream
+    stays there, see `jaxvlm.options.ModelOptions`), with the table first
     pinned whole along its embed axis: on an FSDP mesh the lookup then runs locally on each
     device's batch rows (one all-gather of the table, a reduce-scatter of its gradient)
     instead of XLA's fallback of all-gathering the [B, T, H] activations."""
     table = constrain(embedding.embedding[...], "vocab", None)
-    return jnp.take(table.astype(embedding.dtype or table.dtype), input_ids, axis=0)
+    return jnp.take(table, input_ids, axis=0)
 
 
 class VisionLanguageModel(nnx.Module):

@@ -47,7 +47,7 @@ class ViTPatchEmbeddings(nnx.Module):
         x = self.kernels.patch_embed(
             images.astype(self.dtype), self.conv.kernel[...].astype(self.dtype), self.conv.bias[...].astype(self.dtype)
         )  # (N_img, N, D)
-        return x + self.position_embedding[...].astype(x.dtype)
+        return x + self.position_embedding[...]  # promoted to the parameter dtype: the residual stream's
 
 
 class ViTMultiHeadAttention(nnx.Module):
@@ -85,7 +85,7 @@ def layer_norm(cfg: VLMConfig, options: ModelOptions, rngs: nnx.Rngs) -> nnx.Lay
         cfg.vit_hidden_dim,
         epsilon=cfg.vit_ln_eps,
         use_fast_variance=False,
-        dtype=options.compute_dtype,
+        dtype=options.param_dtype,  # a norm computes and returns the residual stream's dtype
         param_dtype=options.param_dtype,
         rngs=rngs,
         scale_metadata=logical("norm"),
@@ -119,9 +119,10 @@ class ViT(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D]."""
-        x = self.patch_embedding(jnp.asarray(images))
-        x = constrain(x, "batch", "length", None)
-        call = self.options.rematerialise(_call_block)
-        for block in self.blocks:
-            x = constrain(call(block, x), "batch", "length", None)
-        return self.layer_norm(x)
+        with self.options.precision():
+            x = self.patch_embedding(jnp.asarray(images))
+            x = constrain(x, "batch", "length", None)
+            call = self.options.rematerialise(_call_block)
+            for block in self.blocks:
+                x = constrain(call(block, x), "batch", "length", None)
+            return self.layer_norm(x)

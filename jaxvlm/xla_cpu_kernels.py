@@ -26,19 +26,24 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Why: asked for as g^T x, XLA:CPU's dot wants x transposed (one small copy shared by every
     linear that reads x) instead of a transposed copy of each output gradient g, which it fused
-    with g's whole elementwise producer chain and ran at a fraction of memory speed."""
-    return x @ w
+    with g's whole elementwise producer chain and ran at a fraction of memory speed.
+    Every product accumulates in float32; results are rounded once to the operands' dtype."""
+    return _mm(x, w)
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def _matmul_fwd(x, w):
-    return x @ w, (x, w)
+    return _mm(x, w), (x, w)
 
 
 def _matmul_bwd(res, g):
     x, w = res
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw_t = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())))  # [O, I]
-    return g @ w.T, dw_t.T.astype(w.dtype)
+    dw_t = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # [O, I]
+    return _mm(g, w.T).astype(x.dtype), dw_t.T.astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

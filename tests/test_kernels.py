@@ -115,10 +115,12 @@ def test_token_nll(seed):
 
 
 def test_select_by_backend():
-    assert kernels.select() is (TUNED if jax.default_backend() == "cpu" else PLAIN)
+    expected = {"cpu": TUNED, "gpu": kernels.CUDNN}.get(jax.default_backend(), PLAIN)
+    assert kernels.select() is expected
     assert kernels.select("plain") is PLAIN and kernels.select("xla_cpu") is TUNED
-    with pytest.raises(ValueError, match="unknown kernels 'cudnn'"):
-        kernels.select("cudnn")
+    assert kernels.select("cudnn") is kernels.CUDNN
+    with pytest.raises(ValueError, match="unknown kernels 'flash'"):
+        kernels.select("flash")
     with pytest.raises(ValueError, match="unknown kernels"):
         ModelOptions(kernels="fast")
 

@@ -31,12 +31,18 @@ def train_step(
     micro_batches: list[dict],
     step: int,
     ocfg: OptimConfig,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict:
-    """One optimizer update from A micro-batches (dicts of int/float arrays), as upstream."""
+    """One optimizer update from A micro-batches (dicts of int/float arrays), as upstream.
+
+    `autocast_dtype` (e.g. torch.bfloat16): the forward and loss under `torch.autocast` on the
+    batch's device, as upstream trains on a GPU; the backward and the update stay outside it."""
     n_micro = len(micro_batches)
     losses = []
     for mb in micro_batches:
-        _, loss = model(mb["input_ids"], mb.get("images"), mb["attention_mask"], targets=mb["labels"])
+        device = mb["input_ids"].device.type
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            _, loss = model(mb["input_ids"], mb.get("images"), mb["attention_mask"], targets=mb["labels"])
         (loss / n_micro).backward()
         losses.append(loss.item())
     trained = [p for g in optimizer.param_groups for p in g["params"]]
