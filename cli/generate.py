@@ -115,6 +115,9 @@ def _batch_rows(path: Path) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
+    from jaxvlm.runtime import configure
+
+    configure()  # the persistent compilation cache, before anything compiles
     if (args.prompt is None) == (args.batch is None):
         raise ValueError("give either --prompt (with --image files) or --batch FILE")
     if args.out is not None:

@@ -75,6 +75,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from jaxvlm.runtime import configure
+
+    configure()  # the persistent compilation cache, before anything compiles
     from jaxvlm.data import SampleEncoder
     from jaxvlm.evaluation import exact_match, mean_loss
     from jaxvlm.pretrained import load_nanovlm

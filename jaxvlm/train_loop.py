@@ -84,6 +84,8 @@ class RunConfig:
     kernels: str = "auto"  # auto (by backend) | xla_cpu | cudnn | plain: see jaxvlm.kernels
     # float32 matmuls: highest (true float32 everywhere) | high | default (TF32 on NVIDIA GPUs); see ModelOptions
     matmul_precision: str = "highest"
+    compilation_cache: str = "auto"  # auto ($XDG_CACHE_HOME/jaxvlm/xla/<machine>) | off | a directory: jaxvlm.runtime
+    deterministic: bool = False  # XLA's deterministic GPU ops: exact resume on a GPU (CPUs always are)
     seed: int = 0
     max_length: int = 1024
     seq_buckets: tuple[int, ...] | None = None
@@ -344,8 +346,10 @@ def train(run: RunConfig) -> dict[str, Any]:
     The output directory is checked, locked and marked first (`jaxvlm.run_directory`); every
     file written into it is complete or absent (`conversion.atomic`; orbax renames a finished
     checkpoint into place); parameters are checked finite before any checkpoint or export."""
+    from .runtime import configure
     from .sharding import initialize_distributed
 
+    configure(run.compilation_cache, run.deterministic)  # before anything compiles or starts the backend
     initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)  # before any device use
     primary = jax.process_index() == 0  # writes the side files; every process writes its checkpoint shards
     out = Path(run.output_dir)
@@ -411,45 +415,63 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     batches = loader.forever()
     progress = Progress(run.steps, run.log_every)
     t_start, tokens, last = time.perf_counter(), 0, {}
+    clock = {"last": t_start}
+
+    def report(pending) -> None:
+        """Read step n's metrics from the device (waits for step n only: step n + 1 is already
+        queued behind it), check them, log them and print the progress line."""
+        nonlocal tokens, last
+        n, m, seq_len = pending
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, clock["last"] = now - clock["last"], now  # between completions: the step's time in steady state
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is saved from here on
+            good = checkpoints.latest_step()
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            raise FloatingPointError(
+                f"{what} at step {n}; stopped. Last good checkpoint: "
+                + (str(ckpt_dir / str(good)) if good is not None else "none saved yet")
+            )
+        n_tok = int(m["tokens"])
+        tokens += n_tok
+        last = {
+            "step": n,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "tokens": n_tok,
+            "tokens_per_s": n_tok / dt,
+            "step_time_s": dt,
+            "seq_len": seq_len,
+            **{k: float(v) for k, v in m.items() if k.startswith("lr_")},
+        }
+        if n % run.log_every == 0 or n == run.steps:
+            metrics.add(last)
+        progress.update(n, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
+
     step = start
+    pending = None  # (step, its metrics still on the device, sequence length): read one step late
     try:
         end = run.steps if run.stop_after is None else min(run.steps, start + run.stop_after)
         while step < end and not stop.requested:
+            # assembled (and sent) while the previous step runs: the device is never left waiting
             group = stack_group([next(batches) for _ in range(run.grad_accum)])
             if not np.any(group["labels"] != IGNORE_INDEX):
                 raise ValueError(
                     f"step {step + 1}: no sample in the batch has a token to train on; " + _skipped(loader, run)
                 )
-            t0 = time.perf_counter()
-            state, m = trainer.step(state, trainer.place_batch(group))
-            loss = float(m["loss"])  # waits for the step
-            dt = time.perf_counter() - t0
-            grad_norm = float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # nothing is saved from here on
-                good = checkpoints.latest_step()
-                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-                raise FloatingPointError(
-                    f"{what} at step {step + 1}; stopped. Last good checkpoint: "
-                    + (str(ckpt_dir / str(good)) if good is not None else "none saved yet")
-                )
+            state, m = trainer.step(state, trainer.place_batch(group))  # dispatched, not waited for
             step += 1
-            n_tok = int(m["tokens"])
-            tokens += n_tok
-            last = {
-                "step": step,
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "tokens": n_tok,
-                "tokens_per_s": n_tok / dt,
-                "step_time_s": dt,
-                "seq_len": int(group["input_ids"].shape[-1]),
-                **{k: float(v) for k, v in m.items() if k.startswith("lr_")},
-            }
-            if step % run.log_every == 0 or step == run.steps:
-                metrics.add(last)
-            progress.update(step, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
+            if pending is not None:
+                report(pending)
+            pending = (step, m, int(group["input_ids"].shape[-1]))
             if step % run.save_every == 0 and step < end:
+                report(pending)  # a checkpoint only of a step whose loss was checked
+                pending = None
                 save(step)
+        if pending is not None:
+            report(pending)
+            pending = None
         progress.close()
         if stop.requested:
             print(f"interrupted: saving a checkpoint at step {step} before exiting", flush=True)

@@ -40,6 +40,13 @@ torch.set_default_dtype(torch.float32)
 if host_memory.huge_pages_possible():
     os.environ.update(host_memory.with_huge_pages(dict(os.environ)))
 
+# The persistent compilation cache that runs use by default (jaxvlm.runtime) goes to a directory
+# of this test session, not the user's ~/.cache; the CLI children inherit it.
+if "JAXVLM_TEST_KEEP_XDG_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xdg-cache-")
+
 SEEDS = (0, 1, 2)
 
 # ---- the parity report ------------------------------------------------------------------------

@@ -239,14 +239,17 @@ def test_float32_matmuls_run_at_the_named_precision(precision, name):
     model = jaxvlm.VisionLanguageModel(cfg, options=options, rngs=nnx.Rngs(0))
     ids, images, mask = make_batch(cfg, [(0, 1), (3, 0)], 32, 0)
     graphdef, state = nnx.split(model)
-    forward = _precisions(lambda s: nnx.merge(graphdef, s)(ids, images, mask), state)
+    other = "default" if precision == "highest" else "highest"
+    with jax.default_matmul_precision(other):  # the process-wide setting (conftest: highest) must not decide
+        forward = _precisions(lambda s: nnx.merge(graphdef, s)(ids, images, mask), state)
     want = "Precision.HIGHEST" if precision == "highest" else "Precision.DEFAULT"
     assert forward and all(want in p for p in forward), forward
     labels = np.where(mask == 1, ids, -100)
     trainer = Trainer(model, OptimConfig(max_training_steps=10))
     train_state = trainer.init_state(model)
     batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": labels[None], "images": images[None]}
-    step = _precisions(trainer._step, train_state, trainer.place_batch(batch))
+    with jax.default_matmul_precision(other):
+        step = _precisions(trainer._step, train_state, trainer.place_batch(batch))
     assert step and all(want in p for p in step), step
 
 
