@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synthetic)
 
     from .bench import add_bench_parser
+    from .bench_loader import add_bench_loader_parser
     from .generate import add_generate_parser
 
     add_generate_parser(sub)
     add_bench_parser(sub)
+    add_bench_loader_parser(sub)
     return p
 
 

@@ -41,7 +41,7 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "grad_accum": (1, None), "lr_mp": (0.0, None), "lr_vision_backbone": (0.0, None),
     "lr_language_backbone": (0.0, None), "max_grad_norm": (1e-12, None), "weight_decay": (0.0, None),
     "seed": (0, 2**32 - 1), "max_length": (1, None), "save_every": (1, None), "keep": (1, None),
-    "log_every": (1, None), "stop_after": (0, None), "num_processes": (1, None), "process_id": (0, None),
+    "log_every": (1, None), "stop_after": (0, None), "loader_workers": (0, 256), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
 }  # fmt: skip
 RUN_CHOICES = {
@@ -97,6 +97,7 @@ class RunConfig:
     stop_after: int | None = (
         None  # end this invocation after this many steps (0: export the start; the schedule still spans `steps`)
     )
+    loader_workers: int = 0  # processes decoding and encoding samples (0: a thread of this process)
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
     # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
@@ -255,6 +256,7 @@ def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
         shuffle=shuffle,
         seed=run.seed,
         shape_group=run.grad_accum,
+        worker_processes=run.loader_workers,
         on_error=run.on_error,
         on_too_long=run.on_too_long,
         process_index=jax.process_index(),
@@ -480,6 +482,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     finally:
         stop.restore()
         checkpoints.close()
+        batches.close()  # the prefetch thread stops first, then the worker processes
+        loader.close()
         metrics.flush()  # a run that stopped on an error keeps the rows up to it
     elapsed = time.perf_counter() - t_start
 

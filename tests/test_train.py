@@ -362,3 +362,20 @@ def test_bf16_compute_gradients_track_fp32(cfg):
         f"whole-vector relative error {rel:.2e} (tol 5e-2); worst per-tensor cosine {worst_cos:.4f} (tol 0.99)",
     )
     assert rel <= 5e-2 and worst_cos >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (COCO / "captions.json").is_file(), reason=f"COCO-mini is not at {COCO} (../shared is absent)")
+def test_loader_worker_processes_train_exactly_as_the_main_process(tmp_path):
+    """The same 3 steps on COCO JPEGs with samples built in this process and in 2 worker
+    processes: the same losses and the same final parameters, bit for bit."""
+    from conversion import load_safetensors
+    from jaxvlm.train_loop import train
+
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train(run_config(out, data=f"coco:{COCO}", steps=3, batch_size=2, loader_workers=workers))
+        runs[workers] = (metrics(out), load_safetensors(out / "model" / "model.safetensors")[0])
+    assert [r["loss"] for r in runs[0][0]] == [r["loss"] for r in runs[2][0]]
+    assert all(np.array_equal(runs[0][1][k], runs[2][1][k]) for k in runs[0][1])

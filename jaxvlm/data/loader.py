@@ -49,11 +49,12 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import queue
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,12 @@ class DataLoader:
       process_index, process_count: this host's shard (`jax.process_index()`, `jax.process_count()`).
       prefetch: batches built ahead in a background thread (0: build in the caller's thread).
       num_workers: threads encoding the samples of a batch (PIL releases the GIL while decoding).
+      worker_processes: processes encoding the samples instead (decoding, resizing and
+        tokenising in parallel beyond one core: what feeding a GPU needs). The dataset is sent
+        to each worker once (pickled; started with "spawn", so no JAX state is forked); the
+        batches are identical to those built in this process. `close()` stops them. A script
+        that uses them needs the usual `if __name__ == "__main__":` guard (spawned workers
+        import the main module).
       on_error: "raise" or "skip" (blank row) for samples that raise `SampleError`.
       on_too_long: "skip" (blank row, as upstream drops them) or "raise" for samples over the
         largest bucket.
@@ -149,6 +156,7 @@ class DataLoader:
         process_count: int = 1,
         prefetch: int = 2,
         num_workers: int = 0,
+        worker_processes: int = 0,
         on_error: str = "raise",
         on_too_long: str = "skip",
         shape_group: int = 1,
@@ -161,6 +169,8 @@ class DataLoader:
             raise ValueError("on_error and on_too_long must be 'raise' or 'skip'")
         if shape_group <= 0:
             raise ValueError(f"shape_group must be positive, got {shape_group}")
+        if worker_processes < 0 or num_workers < 0:
+            raise ValueError("num_workers and worker_processes must be >= 0")
         self.dataset = dataset
         self.n = len(dataset)
         if self.n == 0:
@@ -175,7 +185,8 @@ class DataLoader:
         )
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.process_index, self.process_count = process_index, process_count
-        self.prefetch, self.num_workers = prefetch, num_workers
+        self.prefetch, self.num_workers, self.worker_processes = prefetch, num_workers, worker_processes
+        self._processes: ProcessPoolExecutor | None = None
         self.on_error, self.on_too_long, self.shape_group = on_error, on_too_long, shape_group
         self.pad_id = int(dataset.pad_token_id)
         self.image_size = int(dataset.image_size)
@@ -260,6 +271,35 @@ class DataLoader:
             self._count("errors")
             return None
 
+    def _load_many(self, indices: list[int | None], threads) -> list[dict | None]:
+        """`_load` of each index: in the worker processes, the threads, or here."""
+        if self.worker_processes > 0:
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor(
+                    self.worker_processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(self.dataset,),
+                )
+            chunk = max(1, len(indices) // (2 * self.worker_processes))
+            results = list(self._processes.map(_worker_load, indices, chunksize=chunk))
+            samples = []
+            for i, (sample, error) in zip(indices, results):
+                if error is not None:  # raised in the worker: handled as _load handles it here
+                    if self.on_error == "raise":
+                        raise SampleError(error)
+                    log.warning("blank row for sample %d: %s", i, error)
+                    self._count("errors")
+                samples.append(sample)
+            return samples
+        return list(threads.map(self._load, indices)) if threads else [self._load(i) for i in indices]
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts them again)."""
+        if self._processes is not None:
+            self._processes.shutdown(cancel_futures=True)
+            self._processes = None
+
     def _fits(self, T: int, i) -> bool:
         if T <= self.seq_buckets[-1]:
             return True
@@ -316,11 +356,11 @@ class DataLoader:
         """Batches first .. first + shape_group - 1 of `epoch`, sharing one (T, N_max)."""
         steps = range(first, min(first + self.shape_group, self.steps_per_epoch))
         groups, T, n_img = [], 1, 0
-        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 0 else None
+        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 0 and not self.worker_processes else None
         try:
             for step in steps:
                 indices = self.batch_indices(epoch, step)
-                samples = list(pool.map(self._load, indices)) if pool else [self._load(i) for i in indices]
+                samples = self._load_many(indices, pool)
                 if self.process_count > 1:
                     t, n = self._shapes_global(epoch, step, samples, indices)
                 else:
@@ -414,3 +454,22 @@ class DataLoader:
             stop.set()
             if not sys.is_finalizing():  # an iterator left open until interpreter exit
                 thread.join()
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+_WORKER_DATASET = None
+
+
+def _worker_init(dataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+
+
+def _worker_load(i: int | None) -> tuple[dict | None, str | None]:
+    """(sample, None), or (None, message) for a SampleError (other errors propagate)."""
+    if i is None:
+        return None, None
+    try:
+        return _WORKER_DATASET[i], None
+    except SampleError as e:
+        return None, f"{e}"
