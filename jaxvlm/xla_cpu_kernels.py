@@ -89,22 +89,28 @@ def attention(
             outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal=True, attention_mask=mask, q_offset=lo))
         return jnp.concatenate(outs, axis=1)
     bias = attention_bias(attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset)
+    out_dtype = q.dtype
+    if q.dtype != jnp.float32:
+        # XLA:CPU's batched dots do not all take bf16 operands with an f32 result ("Unsupported
+        # element type for DotThunk: BF16 x BF16 = F32", seen in cached decoding): attention runs
+        # in f32 here, on the bf16 values (the products exact, the sums f32, as the fused form).
+        q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     q = q * jnp.asarray(hd**-0.5, q.dtype)
     if nh == nkv:  # plain multi-head attention (the ViT)
         logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        probs = jax.nn.softmax(logits, axis=-1).astype(out_dtype).astype(v.dtype)  # rounded as the fused form
         y = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32)
-        return y.astype(q.dtype)
+        return y.astype(out_dtype)
     # Query heads j*g .. j*g+g-1 read key head j; logits [B, nkv, g, Tq, Tk], bias broadcast over heads.
     qg = q.reshape(B, Tq, nkv, nh // nkv, hd)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias[:, :, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(out_dtype).astype(v.dtype)
     y = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return y.astype(q.dtype).reshape(B, Tq, nh, hd)
+    return y.astype(out_dtype).reshape(B, Tq, nh, hd)
 
 
 # ---- token loss: -log softmax(logits)[target] with a one-pass backward --------------------------

@@ -316,3 +316,26 @@ def test_cudnn_kernels_fall_back_to_plain_for_fp32_and_cached_decoding():
     y = kernels.cudnn_attention(q, kv, kv, causal=True, attention_mask=mask, q_offset=jnp.int32(5))
     want = kernels.plain_attention(q, kv, kv, causal=True, attention_mask=mask, q_offset=jnp.int32(5))
     np.testing.assert_array_equal(_f64(y), _f64(want))
+
+
+@pytest.mark.parametrize("name", ["plain", "xla_cpu"])
+def test_bf16_generate_runs_at_batch_1_and_8(name):
+    """Cached decoding in bf16 (prefill, then one token at a time through the KV cache): XLA:CPU
+    once refused a batched bf16 x bf16 -> f32 dot there. Tokens in range, the cache in bf16."""
+    from jaxvlm.generate import generate
+
+    cfg = tiny_cfg()
+    model = model_from_torch(cfg, random_torch_vlm(cfg, 2), ModelOptions(compute_dtype=jnp.bfloat16, kernels=name))
+    for batch in (1, 8):
+        rows = [(i % 3, 1) for i in range(batch)]
+        ids, images, mask = make_batch(cfg, rows, 24, batch)
+        tokens = np.asarray(generate(model, ids, images, mask, max_new_tokens=6, greedy=True))
+        assert tokens.shape == (batch, 6) and ((tokens >= 0) & (tokens < cfg.lm_vocab_size)).all()
+
+
+def model_from_torch(cfg, tmodel, options):
+    from conftest import checkpoint_arrays
+
+    from jaxvlm.pretrained import model_from_torch_tensors
+
+    return model_from_torch_tensors(cfg, checkpoint_arrays(tmodel), options=options)
