@@ -101,9 +101,11 @@ class RunConfig:
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
     # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
-    # Default: every device on fsdp (params and optimizer state split, batch rows split).
-    mesh_data: int = 1
-    mesh_fsdp: int = -1
+    # Default: data parallel, every device on `data` (each holds the whole model and optimizer
+    # state, no per-step all-gathers: right for a model that fits one device); a larger one
+    # takes --mesh-data 1 --mesh-fsdp -1 (parameters and optimizer state split over the devices).
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
     mesh_tensor: int = 1
     # Processes (jax.distributed); unset: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
     # `batch_size` is per process: the global batch is num_processes x batch_size rows.

@@ -59,7 +59,11 @@ def test_rules_resolve_with_divisibility_fallback():
 
 
 def test_mesh_config_sizes():
-    assert MeshConfig().sizes(8) == (1, 8, 1)  # default: every device on fsdp
+    assert MeshConfig().sizes(8) == (1, 8, 1)  # the library's default: every device on fsdp
+    from jaxvlm.train_loop import RunConfig
+
+    assert RunConfig().mesh().sizes(8) == (8, 1, 1)  # jaxvlm train's: data parallel
+    assert RunConfig(mesh_data=1, mesh_fsdp=-1).mesh().sizes(8) == (1, 8, 1)
     assert MeshConfig(data=2).sizes(8) == (2, 4, 1)
     assert MeshConfig(data=2, fsdp=2, tensor=2).sizes(8) == (2, 2, 2)
     assert MeshConfig(data=-1, fsdp=1).sizes(8) == (8, 1, 1)
