@@ -20,6 +20,12 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
+def padding_bias(attention_mask: jax.Array, k_len: int, dtype=jnp.float32) -> jax.Array:
+    """[B, 1, 1, Tk] in `dtype`: 0 for real keys, MASK_VALUE for padded ones (mask 0)."""
+    keep = attention_mask[:, :k_len].astype(bool)
+    return jnp.where(keep, 0.0, MASK_VALUE).astype(dtype)[:, None, None, :]
+
+
 def attention_bias(
     attention_mask: jax.Array | None,
     *,
@@ -44,8 +50,7 @@ def attention_bias(
     """
     bias = None
     if attention_mask is not None:
-        keep = attention_mask[:, :k_len].astype(bool)
-        bias = jnp.where(keep, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None, :]  # (B, 1, 1, Tk)
+        bias = padding_bias(attention_mask, k_len)  # (B, 1, 1, Tk)
     if causal:
         q_pos = jnp.arange(q_len)[:, None] + q_offset
         allowed = jnp.arange(k_len)[None, :] <= q_pos  # (Tq, Tk)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from . import xla_cpu_kernels
-from .attention import MASK_VALUE, attention_bias
+from .attention import attention_bias, padding_bias
 
 
 def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -101,9 +101,7 @@ def cudnn_attention(
     bias = None
     if attention_mask is not None:
         B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
-        keep = attention_mask[:, :Tk].astype(bool)
-        bias = jnp.where(keep, 0.0, MASK_VALUE).astype(q.dtype)[:, None, None, :]
-        bias = jnp.broadcast_to(bias, (B, 1, Tq, Tk))
+        bias = jnp.broadcast_to(padding_bias(attention_mask, Tk, q.dtype), (B, 1, Tq, Tk))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, implementation=implementation)
 
 

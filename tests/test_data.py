@@ -259,7 +259,8 @@ def test_parquet_needs_pyarrow(tmp_path, enc):
         pytest.skip("pyarrow is installed; the missing-pyarrow error cannot be shown")
 
 
-def test_unreadable_image_is_a_sample_error_and_the_loader_can_blank_it(tmp_path, enc):
+def _dataset_with_a_cut_jpeg(tmp_path, enc):
+    """Two LLaVA rows: row 0's JPEG cut short (unreadable), row 1 a real COCO image."""
     (tmp_path / "bad.jpg").write_bytes(IMG_A.read_bytes()[:3000])
     rows = [
         {"image": name, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
@@ -267,6 +268,11 @@ def test_unreadable_image_is_a_sample_error_and_the_loader_can_blank_it(tmp_path
     ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     ds = llava_dataset(tmp_path / "d.json", enc)
+    return ds
+
+
+def test_unreadable_image_is_a_sample_error_and_the_loader_can_blank_it(tmp_path, enc):
+    ds = _dataset_with_a_cut_jpeg(tmp_path, enc)
     with pytest.raises(SampleError, match="bad.jpg"):
         ds[0]
     with pytest.raises(SampleError, match="bad.jpg"):  # raised in the prefetch thread, re-raised here
@@ -604,13 +610,7 @@ def test_worker_processes_build_the_same_batches_and_resume(coco_all):
 
 
 def test_worker_processes_report_unreadable_samples_like_the_main_process(tmp_path, enc):
-    (tmp_path / "bad.jpg").write_bytes(IMG_A.read_bytes()[:3000])
-    rows = [
-        {"image": name, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
-        for name in ("bad.jpg", _rel(IMG_A, tmp_path))
-    ]
-    (tmp_path / "d.json").write_text(json.dumps(rows))
-    ds = llava_dataset(tmp_path / "d.json", enc)
+    ds = _dataset_with_a_cut_jpeg(tmp_path, enc)
     loader = DataLoader(ds, 2, shuffle=False, prefetch=0, worker_processes=1)
     try:
         with pytest.raises(SampleError, match="bad.jpg"):
