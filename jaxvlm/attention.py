@@ -26,6 +26,15 @@ def padding_bias(attention_mask: jax.Array, k_len: int, dtype=jnp.float32) -> ja
     return jnp.where(keep, 0.0, MASK_VALUE).astype(dtype)[:, None, None, :]
 
 
+def segment_bias(segment_ids: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+    """[B, 1, Tq, Tk] float32: 0 where query and key belong to the same packed sample, -inf where
+    not. `segment_ids` int[B, Tk] numbers the samples of each row (0 = padding, 1, 2, ... the
+    samples packed into it); query i is the key at position q_offset + i."""
+    q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, q_len, axis=1)
+    same = q_seg[:, :, None] == segment_ids[:, None, :]
+    return jnp.where(same, 0.0, -jnp.inf)[:, None]
+
+
 def attention_bias(
     attention_mask: jax.Array | None,
     *,
@@ -33,6 +42,7 @@ def attention_bias(
     q_len: int,
     k_len: int,
     q_offset: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | None:
     """Additive float32 bias [B or 1, 1, Tq, Tk] with upstream's semantics, or None.
 
@@ -47,6 +57,10 @@ def attention_bias(
          [m,    0,    0]]
     `q_offset` is the position of the first query among the keys (a traced value in decoding):
     query i sees keys j <= q_offset + i.
+
+    `segment_ids` int[B, Tk] (packed rows, see `segment_bias`): a query also sees only the keys
+    of its own sample, -inf on the others (block-diagonal causal attention). Every real query
+    sees itself, so no row is all -inf; padding (segment 0) sees padding only, as without it.
     """
     bias = None
     if attention_mask is not None:
@@ -56,4 +70,7 @@ def attention_bias(
         allowed = jnp.arange(k_len)[None, :] <= q_pos  # (Tq, Tk)
         causal_bias = jnp.where(allowed, 0.0, -jnp.inf)[None, None]
         bias = causal_bias if bias is None else bias + causal_bias
+    if segment_ids is not None:
+        seg = segment_bias(segment_ids[:, :k_len], q_len, q_offset)
+        bias = seg if bias is None else bias + seg
     return bias

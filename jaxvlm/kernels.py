@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from . import xla_cpu_kernels
-from .attention import attention_bias, padding_bias
+from .attention import MASK_VALUE, attention_bias, padding_bias
 
 
 def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -63,17 +63,21 @@ def plain_attention(
     causal: bool,
     attention_mask: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention, scale 1/sqrt(hd), softmax in float32.
 
     Args:
       q: [B, Tq, nh, hd]; k, v: [B, Tk, nkv, hd], nh % nkv == 0. Key head j serves query heads
         j*g .. j*g+g-1 (g = nh/nkv), the same grouping as torch's `repeat_interleave`.
-      causal, attention_mask, q_offset: see `jaxvlm.attention.attention_bias`.
+      causal, attention_mask, q_offset, segment_ids: see `jaxvlm.attention.attention_bias`
+        (segment_ids int[B, Tk]: packed samples attend only within themselves).
     Returns:
       [B, Tq, nh, hd] in q's dtype.
     """
-    bias = attention_bias(attention_mask, causal=causal, q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset)
+    bias = attention_bias(
+        attention_mask, causal=causal, q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset, segment_ids=segment_ids
+    )
     return jax.nn.dot_product_attention(q, k, v, bias=bias)
 
 
@@ -85,23 +89,31 @@ def cudnn_attention(
     causal: bool,
     attention_mask: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
     implementation: str = "cudnn",
 ) -> jax.Array:
     """`plain_attention`'s result through a fused kernel where one applies: bf16/fp16 operands
     and, when causal, self-attention (Tq == Tk, q_offset 0). The causal mask is the kernel's
     own flag; left padding is a bias [B, 1, Tq, Tk] in the operands' dtype (MASK_VALUE on padded
     keys: finite in bf16, so a query that sees only padding attends uniformly over it, as in
-    `attention_bias`). Anything else (fp32, decoding through a cache) is `plain_attention`.
+    `attention_bias`); packed samples (`segment_ids`) add MASK_VALUE between samples to that
+    bias. Anything else (fp32, decoding through a cache) is `plain_attention`.
     `implementation="xla"` runs the same mask forms through XLA (tests on a CPU)."""
     fused = q.dtype in (jnp.bfloat16, jnp.float16) and (
         not causal or (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1])
     )
     if not fused:
-        return plain_attention(q, k, v, causal=causal, attention_mask=attention_mask, q_offset=q_offset)
+        return plain_attention(
+            q, k, v, causal=causal, attention_mask=attention_mask, q_offset=q_offset, segment_ids=segment_ids
+        )
     bias = None
+    B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
     if attention_mask is not None:
-        B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
         bias = jnp.broadcast_to(padding_bias(attention_mask, Tk, q.dtype), (B, 1, Tq, Tk))
+    if segment_ids is not None:  # finite in the kernel's bias, as the padding's
+        same = segment_ids[:, :Tq, None] == segment_ids[:, None, :Tk]
+        seg = jnp.where(same, 0.0, MASK_VALUE).astype(q.dtype)[:, None]
+        bias = seg if bias is None else bias + seg
     return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, implementation=implementation)
 
 

@@ -87,11 +87,12 @@ class LanguageModelGroupedQueryAttention(nnx.Module):
         v = constrain(self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim), "batch", "length", "kv_heads", None)
         return apply_rotary_pos_embd(q, cos, sin), apply_rotary_pos_embd(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, attention_mask=None):
-        """x float[B, T, H] -> float[B, T, H]; causal self-attention over the T positions."""
+    def __call__(self, x, cos, sin, attention_mask=None, segment_ids=None):
+        """x float[B, T, H] -> float[B, T, H]; causal self-attention over the T positions (within
+        each packed sample when `segment_ids` int[B, T] is given: `jaxvlm.attention.segment_bias`)."""
         B, T, H = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
-        y = self.kernels.attention(q, k, v, causal=True, attention_mask=attention_mask)
+        y = self.kernels.attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids)
         return self.out_proj(y.reshape(B, T, H))
 
     def extend(self, x, cos, sin, cache, index, attention_mask=None):
@@ -139,8 +140,8 @@ class LanguageModelBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg, options)
         self.norm2 = RMSNorm(cfg, options)
 
-    def __call__(self, x, cos, sin, attention_mask=None):
-        x = x + self.attn(self.norm1(x), cos, sin, attention_mask)
+    def __call__(self, x, cos, sin, attention_mask=None, segment_ids=None):
+        x = x + self.attn(self.norm1(x), cos, sin, attention_mask, segment_ids)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -186,14 +187,25 @@ class LanguageModel(nnx.Module):
                 logits = self.head(hidden)
         return constrain(logits, "batch", "length", "vocab")
 
-    def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Embeddings float[B, T, H] at positions 0..T-1 -> hidden states float[B, T, H]."""
-        positions = jnp.arange(x.shape[1])[None]
+    def __call__(
+        self,
+        x: jax.Array,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Embeddings float[B, T, H] -> hidden states float[B, T, H].
+
+        RoPE positions: `position_ids` int[B, T], default 0..T-1 in every row (upstream's, padding
+        included). Packed rows (several samples per row) give `segment_ids` int[B, T] (0 padding,
+        1, 2, ... per sample: attention stays within a sample) and positions restarting at 0 for
+        each sample: each sample's hidden states are then those it has alone."""
+        positions = jnp.arange(x.shape[1])[None] if position_ids is None else position_ids
         cos, sin = self.rotary_embd(positions)
         call = self.options.rematerialise(_call_block)
         with self.options.precision():
             for block in self.blocks:
-                x = constrain(call(block, x, cos, sin, attention_mask), "batch", "length", None)
+                x = constrain(call(block, x, cos, sin, attention_mask, segment_ids), "batch", "length", None)
         return self.norm(x)
 
     # ---- cached decoding (used by jaxvlm.generate) ----------------------------------------------

@@ -74,7 +74,12 @@ def loss_fn(model: VisionLanguageModel, batch: dict) -> jax.Array:
     as over all T positions, without the [B, T, V] logits (the head dominates a small model).
     """
     hidden = model.hidden_states(
-        batch["input_ids"], batch.get("images"), batch["attention_mask"], batch.get("image_offsets")
+        batch["input_ids"],
+        batch.get("images"),
+        batch["attention_mask"],
+        batch.get("image_offsets"),
+        segment_ids=batch.get("segment_ids"),  # packed rows (jaxvlm.data.packing)
+        position_ids=batch.get("position_ids"),
     )
     labels = batch["labels"]
     if "label_positions" in batch:

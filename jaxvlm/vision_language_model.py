@@ -94,23 +94,28 @@ class VisionLanguageModel(nnx.Module):
         merged = merge_image_embeddings(input_ids, token_embd, image_embd, self.cfg.image_token_id, image_offsets)
         return constrain(merged, "batch", "length", None)
 
-    def __call__(self, input_ids, images=None, attention_mask=None) -> jax.Array:
+    def __call__(self, input_ids, images=None, attention_mask=None, segment_ids=None, position_ids=None) -> jax.Array:
         """Logits float[B, T, V] (the compute dtype).
 
         Args:
           input_ids: int[B, T]. images: float[N_img, 3, S, S] in [0, 1], or None.
           attention_mask: int[B, T], 1 real / 0 padding (left padding), or None.
+          segment_ids, position_ids: int[B, T] or None, for packed rows: see `LanguageModel.__call__`.
         Numpy inputs are accepted; concrete inputs are checked for the image-token count.
         For speed call it under `nnx.jit` (see `jaxvlm.forward`).
         """
         input_ids = jnp.asarray(input_ids)
         if images is not None:
             images = jnp.asarray(images)
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask)
+        attention_mask, segment_ids, position_ids = (
+            None if a is None else jnp.asarray(a) for a in (attention_mask, segment_ids, position_ids)
+        )
         if not isinstance(input_ids, jax.core.Tracer):
             check_image_tokens(input_ids, 0 if images is None else images.shape[0], self.cfg)
-        return self.decoder.logits(self.hidden_states(input_ids, images, attention_mask))
+        hidden = self.hidden_states(
+            input_ids, images, attention_mask, segment_ids=segment_ids, position_ids=position_ids
+        )
+        return self.decoder.logits(hidden)
 
     def hidden_states(
         self,
@@ -118,9 +123,12 @@ class VisionLanguageModel(nnx.Module):
         images: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         image_offsets: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
     ) -> jax.Array:
         """The decoder's final hidden states float[B, T, H], before the head (no input checks)."""
-        return self.decoder(self.embed(input_ids, images, image_offsets), attention_mask)
+        return self.decoder(self.embed(input_ids, images, image_offsets), attention_mask, segment_ids, position_ids)
 
     def token_loss(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
         """`cross_entropy` through this model's kernels: float[B, T, V], int[B, T] -> float32[]."""
@@ -144,9 +152,11 @@ class VisionLanguageModel(nnx.Module):
 
 
 @nnx.jit
-def forward(model: VisionLanguageModel, input_ids, images=None, attention_mask=None) -> jax.Array:
-    """Jitted `model(input_ids, images, attention_mask)`: one compile per input shape."""
-    return model(input_ids, images, attention_mask)
+def forward(
+    model: VisionLanguageModel, input_ids, images=None, attention_mask=None, segment_ids=None, position_ids=None
+) -> jax.Array:
+    """Jitted `model(input_ids, images, attention_mask, ...)`: one compile per input shape."""
+    return model(input_ids, images, attention_mask, segment_ids, position_ids)
 
 
 def cross_entropy(

@@ -70,6 +70,7 @@ def attention(
     causal: bool,
     attention_mask: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """`jaxvlm.kernels.plain_attention`'s result (see there for the arguments).
 
@@ -86,9 +87,16 @@ def attention(
         outs = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             mask = None if attention_mask is None else attention_mask[:, :hi]
-            outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal=True, attention_mask=mask, q_offset=lo))
+            seg = None if segment_ids is None else segment_ids[:, :hi]
+            outs.append(
+                attention(
+                    q[:, lo:hi], k[:, :hi], v[:, :hi], causal=True, attention_mask=mask, q_offset=lo, segment_ids=seg
+                )
+            )
         return jnp.concatenate(outs, axis=1)
-    bias = attention_bias(attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset)
+    bias = attention_bias(
+        attention_mask, causal=causal, q_len=Tq, k_len=k.shape[1], q_offset=q_offset, segment_ids=segment_ids
+    )
     out_dtype = q.dtype
     if q.dtype != jnp.float32:
         # XLA:CPU's batched dots do not all take bf16 operands with an f32 result ("Unsupported

@@ -75,7 +75,7 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(H, H, bias=False)
 
-    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None):
+    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None, segment_ids=None):
         """x float[B, T, H] -> (float[B, T, H], cache {"key", "value": float[B, nkv, T_total, hd]})."""
         B, T, H = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -85,7 +85,7 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         if block_kv_cache is not None:
             k = torch.cat([block_kv_cache["key"], k], dim=2)
             v = torch.cat([block_kv_cache["value"], v], dim=2)
-        y = attention(q, k, v, causal=True, attention_mask=attention_mask)
+        y = attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H)), {"key": k, "value": v}
 
 
@@ -109,8 +109,8 @@ class LanguageModelBlock(nn.Module):
         self.norm1 = RMSNorm(cfg)
         self.norm2 = RMSNorm(cfg)
 
-    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None):
-        y, block_kv_cache = self.attn(self.norm1(x), cos, sin, attention_mask, block_kv_cache)
+    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None, segment_ids=None):
+        y, block_kv_cache = self.attn(self.norm1(x), cos, sin, attention_mask, block_kv_cache, segment_ids)
         x = x + y
         x = x + self.mlp(self.norm2(x))
         return x, block_kv_cache
@@ -127,15 +127,19 @@ class LanguageModel(nn.Module):
         if cfg.lm_tie_weights:
             self.head.weight = self.token_embedding.weight
 
-    def forward(self, x, attention_mask=None, kv_cache=None, start_pos: int = 0):
+    def forward(self, x, attention_mask=None, kv_cache=None, start_pos: int = 0, segment_ids=None, position_ids=None):
         """Embeddings float[B, T, H] at positions start_pos.. -> (hidden float[B, T, H], kv_cache).
 
-        `attention_mask` int[B, start_pos + T] covers the cached keys and the new ones.
+        `attention_mask` int[B, start_pos + T] covers the cached keys and the new ones. Packed
+        rows (training): `segment_ids` int[B, T] (see `attention`) and `position_ids` int[B, T]
+        (RoPE positions restarting at 0 for each sample) instead of start_pos.. .
         """
         B, T, _ = x.shape
         positions = torch.arange(start_pos, start_pos + T, device=x.device)[None].expand(B, -1)
+        if position_ids is not None:
+            positions = position_ids
         cos, sin = self.rotary_embd(positions)
         kv_cache = list(kv_cache) if kv_cache is not None else [None] * len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x, kv_cache[i] = block(x, cos, sin, attention_mask, kv_cache[i])
+            x, kv_cache[i] = block(x, cos, sin, attention_mask, kv_cache[i], segment_ids)
         return self.norm(x), kv_cache

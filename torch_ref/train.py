@@ -42,7 +42,14 @@ def train_step(
     for mb in micro_batches:
         device = mb["input_ids"].device.type
         with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            _, loss = model(mb["input_ids"], mb.get("images"), mb["attention_mask"], targets=mb["labels"])
+            _, loss = model(
+                mb["input_ids"],
+                mb.get("images"),
+                mb["attention_mask"],
+                targets=mb["labels"],
+                segment_ids=mb.get("segment_ids"),  # packed rows
+                position_ids=mb.get("position_ids"),
+            )
         (loss / n_micro).backward()
         losses.append(loss.item())
     trained = [p for g in optimizer.param_groups for p in g["params"]]

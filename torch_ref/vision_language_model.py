@@ -76,20 +76,29 @@ class VisionLanguageModel(nn.Module):
         token_embd[is_image] = image_embd.reshape(-1, image_embd.shape[-1]).to(token_embd.dtype)
         return token_embd
 
-    def forward(self, input_ids, images=None, attention_mask=None, targets=None):
+    def forward(self, input_ids, images=None, attention_mask=None, targets=None, segment_ids=None, position_ids=None):
         """(logits float[B, T, V], loss or None).
 
         Args:
           input_ids: int[B, T]. images: float[N_img, 3, S, S] in [0, 1], or None.
           attention_mask: int[B, T], 1 real / 0 padding (left padding), or None.
           targets: int[B, T] already shifted by the data pipeline, IGNORE_INDEX (-100) = ignored.
+          segment_ids, position_ids: int[B, T] or None, for rows packing several samples (see
+            `LanguageModel.forward`).
         """
         device = self.decoder.token_embedding.weight.device
         dtype = self.decoder.token_embedding.weight.dtype
         input_ids = _as_tensor(input_ids, torch.long, device)
         images = _as_tensor(images, dtype, device)
         attention_mask = _as_tensor(attention_mask, torch.long, device)
-        hidden, _ = self.decoder(self.embed(input_ids, images), attention_mask=attention_mask)
+        segment_ids = _as_tensor(segment_ids, torch.long, device)
+        position_ids = _as_tensor(position_ids, torch.long, device)
+        hidden, _ = self.decoder(
+            self.embed(input_ids, images),
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            position_ids=position_ids,
+        )
         logits = self.decoder.head(hidden)
         loss = None
         if targets is not None:

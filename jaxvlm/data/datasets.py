@@ -11,7 +11,9 @@ Rows without an answer, with a malformed conversation or naming a missing image 
 error when the dataset is built, or - with `on_error="skip"` - dropped and counted in
 `ds.n_skipped`. An image that exists but cannot be decoded is only found when the sample is
 built: `ds[i]` raises `SampleError` (a ValueError) and the loader's own `on_error` decides. A
-dataset left with no rows is a ValueError.
+dataset left with no rows is a ValueError. Cauldron rows can be filtered by their FineVision
+ratings (`min_ratings`, see `parse_cauldron_row`); rows left with no turn are dropped and
+counted in `ds.n_filtered`. Sharded parquet too large for memory: `jaxvlm.data.streaming`.
 
 Imports neither jax nor torch.
 """
@@ -24,6 +26,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from PIL import Image
@@ -36,6 +39,18 @@ log = logging.getLogger(__name__)
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ON_ERROR = ("raise", "skip")
+# FineVision's per-turn rating columns, by the name upstream gives their minimum (`{name}_min_rating`).
+RATING_COLUMNS = MappingProxyType(
+    {
+        "relevance": "relevance_ratings",
+        "image_correspondence": "image_correspondence_ratings",
+        "visual_dependency": "visual_dependency_ratings",
+        "formatting": "formatting_ratings",
+    }
+)
+# Upstream nanoVLM's minimums (models/config.py TrainConfig.*_min_rating, data/datasets.py
+# BaseDataset): 1 for every column, so only turns rated below 1 are dropped.
+UPSTREAM_MIN_RATINGS = MappingProxyType({name: 1 for name in RATING_COLUMNS})
 _ORIENTATION_SWAPS = {5, 6, 7, 8}  # EXIF orientations that exchange width and height
 
 
@@ -51,16 +66,25 @@ class Record:
 class ConversationDataset:
     """Random-access dataset of `Record`s, encoded on indexing. See the module docstring."""
 
-    def __init__(self, records: Iterable[Record], encoder: SampleEncoder, *, name: str = "dataset", n_skipped: int = 0):
+    def __init__(
+        self,
+        records: Iterable[Record],
+        encoder: SampleEncoder,
+        *,
+        name: str = "dataset",
+        n_skipped: int = 0,
+        n_filtered: int = 0,
+    ):
         self.records = list(records)
         self.encoder = encoder
         self.name = name
         self.n_skipped = n_skipped
+        self.n_filtered = n_filtered
         self._shapes: dict[int, tuple[int, int]] = {}
         if not self.records:
-            raise ValueError(
-                f"{name}: the dataset is empty" + (f" ({n_skipped} invalid rows skipped)" if n_skipped else "")
-            )
+            why = [f"{n_skipped} invalid rows skipped"] if n_skipped else []
+            why += [f"{n_filtered} rows filtered out by their ratings"] if n_filtered else []
+            raise ValueError(f"{name}: the dataset is empty" + (f" ({', '.join(why)})" if why else ""))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -154,6 +178,8 @@ def _image_ref(x, base: Path, source: str) -> Path | bytes:
     if isinstance(x, Mapping):  # parquet / HF datasets image struct {"bytes", "path"}
         if x.get("bytes"):
             return bytes(x["bytes"])
+        if not x.get("path"):
+            raise SampleError(f"{source}: an image has neither bytes nor a path")
         x = x.get("path")
     if isinstance(x, (bytes, bytearray)):
         return bytes(x)
@@ -178,15 +204,21 @@ def _check_messages(messages: list[dict], source: str) -> None:
 
 
 def _build(rows: Sequence[Any], parse, encoder: SampleEncoder, on_error: str, name: str) -> ConversationDataset:
+    """Records of `rows` through `parse(row, source) -> (images, messages)`, or None for a row
+    that is not trained on (every turn filtered out by its ratings)."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    records, skipped = [], 0
+    records, skipped, filtered = [], 0, 0
     for n, row in enumerate(rows):
         source = f"{name}:{n}"
         try:
             if not isinstance(row, Mapping):
                 raise SampleError(f"{source}: a row must be a JSON object, got {type(row).__name__}")
-            images, messages = parse(row, source)
+            parsed = parse(row, source)
+            if parsed is None:
+                filtered += 1
+                continue
+            images, messages = parsed
             _check_messages(messages, source)
             records.append(Record(tuple(images), tuple(messages), source))
         except SampleError as e:
@@ -196,7 +228,9 @@ def _build(rows: Sequence[Any], parse, encoder: SampleEncoder, on_error: str, na
             log.warning("skipping %s", e)
     if skipped:
         log.warning("%s: skipped %d of %d rows", name, skipped, len(rows))
-    return ConversationDataset(records, encoder, name=name, n_skipped=skipped)
+    if filtered:
+        log.info("%s: %d of %d rows have no turn left after the rating filter", name, filtered, len(rows))
+    return ConversationDataset(records, encoder, name=name, n_skipped=skipped, n_filtered=filtered)
 
 
 def _strip_placeholder(text: str) -> str:
@@ -235,26 +269,86 @@ def llava_dataset(
     return _build(_read_rows(path), parse, encoder, on_error, str(path))
 
 
+def check_min_ratings(min_ratings: Mapping[str, float | None] | None) -> dict[str, float]:
+    """`min_ratings` validated: {name: minimum} for the names of `RATING_COLUMNS` that filter.
+    None, and names given None, do not filter; an unknown name or a non-number is a ValueError."""
+    out = {}
+    for name, minimum in (min_ratings or {}).items():
+        if name not in RATING_COLUMNS:
+            raise ValueError(f"min_ratings: unknown rating {name!r} (known: {', '.join(RATING_COLUMNS)})")
+        if minimum is None:
+            continue
+        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)):
+            raise ValueError(f"min_ratings[{name!r}] must be a number or None, got {minimum!r}")
+        out[name] = minimum
+    return out
+
+
+def _rating(ratings, turn: int, column: str, source: str):
+    """Turn `turn`'s rating in one column's list, or None (no list, no entry, or null)."""
+    if ratings is None:
+        return None
+    if not isinstance(ratings, (list, tuple)):
+        raise SampleError(f"{source}: {column} must be a list, got {type(ratings).__name__}")
+    value = ratings[turn] if turn < len(ratings) else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise SampleError(f"{source}: {column}[{turn}] must be a number or null, got {value!r}")
+    return value
+
+
+def parse_cauldron_row(
+    row: Mapping[str, Any], source: str, *, base: Path, min_ratings: Mapping[str, float] | None = None
+) -> tuple[list[Path | bytes], list[dict[str, str]], int]:
+    """One Cauldron / FineVision row -> (image refs, ChatML messages, turns dropped by ratings).
+
+    `row`: {"images": [paths or {"bytes", "path"}] or None, "texts": [{"user", "assistant"}, ...],
+    optionally the rating columns of `RATING_COLUMNS`: one rating per turn}. As upstream's
+    `_get_messages`, turn t is dropped when a present column's rating for it is below that
+    column's entry in `min_ratings` (validated by `check_min_ratings`); a null rating, a column
+    that is absent or null, and a list too short to rate turn t keep it. Messages are [] exactly
+    when every turn was dropped (the images are then not looked at). Relative image paths are
+    under `base`. A malformed row is a SampleError; `_check_messages` is the caller's.
+    """
+    texts = row.get("texts")
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise SampleError(f"{source}: no 'texts' list")
+    messages, dropped, minimums = [], 0, min_ratings or {}
+    for turn, t in enumerate(texts):
+        if not isinstance(t, Mapping):
+            raise SampleError(f"{source}: a 'texts' entry must be an object, got {t!r}")
+        ratings = [
+            (_rating(row.get(RATING_COLUMNS[k]), turn, RATING_COLUMNS[k], source), m) for k, m in minimums.items()
+        ]
+        if any(r is not None and r < m for r, m in ratings):
+            dropped += 1
+            continue
+        messages.append({"role": "user", "content": t.get("user")})
+        messages.append({"role": "assistant", "content": t.get("assistant")})
+    if not messages:
+        return [], [], dropped
+    return [_image_ref(x, base, source) for x in _as_list(row.get("images"))], messages, dropped
+
+
 def cauldron_dataset(
-    path: str | Path, encoder: SampleEncoder, *, image_root: str | Path | None = None, on_error: str = "raise"
+    path: str | Path,
+    encoder: SampleEncoder,
+    *,
+    image_root: str | Path | None = None,
+    on_error: str = "raise",
+    min_ratings: Mapping[str, float | None] | None = None,
 ) -> ConversationDataset:
     """Cauldron-style rows: {"images": [paths or {"bytes", "path"}], "texts": [{"user": ...,
     "assistant": ...}, ...]} from .jsonl/.json (or .parquet when pyarrow is installed).
-    Upstream's rating filters (`relevance_ratings` ...) are not applied."""
+    `min_ratings` (e.g. `UPSTREAM_MIN_RATINGS`) applies upstream's per-turn rating filter (see
+    `parse_cauldron_row`); the default None applies none. For sharded parquet too large to hold
+    in memory, use `jaxvlm.data.streaming.ShardStream`."""
     path = Path(path)
     base = Path(image_root) if image_root is not None else path.parent
+    minimums = check_min_ratings(min_ratings)
 
     def parse(row, source):
-        texts = row.get("texts")
-        if not isinstance(texts, list) or not texts:
-            raise SampleError(f"{source}: no 'texts' list")
-        messages = []
-        for t in texts:
-            if not isinstance(t, Mapping):
-                raise SampleError(f"{source}: a 'texts' entry must be an object, got {t!r}")
-            messages.append({"role": "user", "content": t.get("user")})
-            messages.append({"role": "assistant", "content": t.get("assistant")})
-        return [_image_ref(x, base, source) for x in _as_list(row.get("images"))], messages
+        images, messages, _ = parse_cauldron_row(row, source, base=base, min_ratings=minimums)
+        return (images, messages) if messages else None
 
     return _build(_read_rows(path), parse, encoder, on_error, str(path))
 
