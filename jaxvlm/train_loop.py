@@ -28,6 +28,7 @@ from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
 from conversion.recipe import IGNORE_INDEX, OptimConfig
 from conversion.validation import range_problems, read_json_object, type_problems
 
+from .data.packing import MODES as PACKING_MODES
 from .kernels import CHOICES as KERNEL_CHOICES
 from .options import DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES, ModelOptions
 from .run_directory import open_run_directory
@@ -43,6 +44,9 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1), "max_length": (1, None), "save_every": (1, None), "keep": (1, None),
     "log_every": (1, None), "stop_after": (0, None), "loader_workers": (0, 256), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
+    "pack_buffer": (1, None), "max_images_per_sample": (1, None), "max_images_per_pack": (1, None),
+    "relevance_min_rating": (None, None), "image_correspondence_min_rating": (None, None),
+    "visual_dependency_min_rating": (None, None), "formatting_min_rating": (None, None),
 }  # fmt: skip
 RUN_CHOICES = {
     "dtype": tuple(DTYPES),
@@ -52,6 +56,7 @@ RUN_CHOICES = {
     "kernels": KERNEL_CHOICES,
     "remat_policy": (None, *REMAT_POLICIES),
     "matmul_precision": MATMUL_PRECISIONS,
+    "packing_mode": PACKING_MODES,
 }
 
 
@@ -67,7 +72,9 @@ class RunConfig:
     init_from_hf_language: str | None = None  # ... and a SmolLM2 / Llama directory (its tokenizer.json is the default)
     init_from_hf_settings: str | None = None  # VLM settings for them (conversion.hf.VLM_SETTINGS): JSON object or file
     tokenizer: str | None = None  # tokenizer.json or its directory (default: the init checkpoint's)
-    data: str = "synthetic"  # synthetic | llava:PATH | cauldron:PATH | coco:DIR
+    # synthetic | llava:PATH | coco:DIR | cauldron:PATH (.json/.jsonl: read whole) | cauldron:SHARDS (a
+    # .parquet file, a directory or a glob of them: streamed, jaxvlm.data.streaming)
+    data: str = "synthetic"
     synthetic_size: int = 20000
     image_size: int | None = None  # synthetic picture side (default: the model's tile size)
     steps: int = 300
@@ -100,6 +107,17 @@ class RunConfig:
     loader_workers: int = 0  # processes decoding and encoding samples (0: a thread of this process)
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
+    # Packing (jaxvlm.data.packing): several samples per row of max_length tokens; batch_size counts rows.
+    packing: bool = False
+    packing_mode: str = "segments"  # segments: each sample sees only itself | upstream: nanoVLM's, they see each other
+    pack_buffer: int = 256  # samples packed together per round
+    max_images_per_sample: int | None = None  # tiles (what the ViT encodes); longer samples are skipped, counted
+    max_images_per_pack: int | None = None  # tiles per packed row (default: as many as its tokens hold)
+    # Upstream's FineVision rating filters for streamed shards (a turn rated below is dropped; None: no filter)
+    relevance_min_rating: float | None = 1
+    image_correspondence_min_rating: float | None = 1
+    visual_dependency_min_rating: float | None = 1
+    formatting_min_rating: float | None = 1
     # Devices (jaxvlm.sharding): mesh axis sizes, one may be -1 = the devices the others leave.
     # Default: data parallel, every device on `data` (each holds the whole model and optimizer
     # state, no per-step all-gathers: right for a model that fits one device); a larger one
@@ -229,9 +247,37 @@ def tokenizer_path(run: RunConfig) -> Path:
     raise ValueError("no tokenizer: pass --tokenizer (a tokenizer.json or its directory)")
 
 
+def is_streamed(spec: str) -> bool:
+    """`cauldron:` shards (a .parquet file, a directory or a glob) are streamed, not read whole."""
+    kind, _, path = spec.partition(":")
+    return kind == "cauldron" and not path.endswith((".json", ".jsonl"))
+
+
+def build_stream(run: RunConfig, *, reader_index: int = 0, reader_count: int = 1):
+    """The `ShardStream` of `--data cauldron:SHARDS`: this process's share, upstream's rating filters."""
+    from .data.streaming import ShardStream
+
+    ratings = {
+        "relevance": run.relevance_min_rating,
+        "image_correspondence": run.image_correspondence_min_rating,
+        "visual_dependency": run.visual_dependency_min_rating,
+        "formatting": run.formatting_min_rating,
+    }
+    return ShardStream(
+        run.data.partition(":")[2],
+        seed=run.seed,
+        reader_index=reader_index,
+        reader_count=reader_count,
+        min_ratings=ratings,
+        on_error="yield",  # the loader counts or raises, by --on-error
+    )
+
+
 def build_dataset(run: RunConfig, cfg: VLMConfig, encoder, split: str = "train"):
     from .data import SyntheticShapesDataset, cauldron_dataset, coco_captions_dataset, llava_dataset
 
+    if is_streamed(run.data):
+        raise ValueError(f"--data {run.data}: streamed shards are read by the training loader only")
     kind, _, path = run.data.partition(":")
     if kind == "synthetic":
         size = run.synthetic_size if split == "train" else max(200, run.synthetic_size // 20)
@@ -245,6 +291,37 @@ def build_dataset(run: RunConfig, cfg: VLMConfig, encoder, split: str = "train")
     if kind == "coco":
         return coco_captions_dataset(path, encoder)
     raise ValueError(f"--data {run.data!r}: unknown kind {kind!r} (synthetic, llava, cauldron, coco)")
+
+
+def build_train_loader(run: RunConfig, cfg: VLMConfig, encoder):
+    """The loader `jaxvlm train` reads: streamed shards or packing -> `StreamLoader` (this
+    process's share of the stream); otherwise `DataLoader` over the dataset read whole."""
+    from .data.stream_loader import IndexSource, ShardSource, StreamLoader
+
+    if not (run.packing or is_streamed(run.data)):
+        return build_loader(run, build_dataset(run, cfg, encoder))
+    pid, n_proc = jax.process_index(), jax.process_count()
+    if is_streamed(run.data):
+        source = ShardSource(build_stream(run, reader_index=pid, reader_count=n_proc), encoder)
+    else:
+        dataset = build_dataset(run, cfg, encoder)
+        source = IndexSource(dataset, seed=run.seed, reader_index=pid, reader_count=n_proc)
+    return StreamLoader(
+        source,
+        run.batch_size,
+        max_length=run.max_length,
+        packing=run.packing_mode if run.packing else None,
+        pack_buffer=run.pack_buffer,
+        max_images_per_sample=run.max_images_per_sample,
+        max_images_per_pack=run.max_images_per_pack,
+        n_image_tokens=cfg.n_image_tokens,
+        seq_buckets=run.seq_buckets,
+        process_count=n_proc,
+        worker_processes=run.loader_workers,
+        on_error=run.on_error,
+        on_too_long=run.on_too_long,
+        shape_group=run.grad_accum,
+    )
 
 
 def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
@@ -271,7 +348,8 @@ def stack_group(micro_batches: list[dict]) -> dict:
     label_positions: [A, ...]} (label_positions padded to the group's largest K)."""
     from .train import label_positions
 
-    keys = ("input_ids", "attention_mask", "labels", "images")
+    keys = ["input_ids", "attention_mask", "labels", "images"]
+    keys += [k for k in ("segment_ids", "position_ids") if k in micro_batches[0]]  # packed rows
     group = {k: np.stack([mb[k] for mb in micro_batches]) for k in keys}
     all_labels = group["labels"].reshape(-1, group["labels"].shape[-1])
     pos = label_positions(all_labels)
@@ -383,7 +461,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     tok_path = tokenizer_path(run)
     tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
-    loader = build_loader(run, build_dataset(run, cfg, encoder))
+    loader = build_train_loader(run, cfg, encoder)
     trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
@@ -393,7 +471,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     restored = restore_newest_good(checkpoints, state) if run.resume else None
     if restored is not None:
         state, meta = restored
-        loader.load_state_dict(meta["loader"])
+        loader.load_state_dict(_own_loader_state(meta))
         start = int(meta["step"])
         print(f"resumed from {ckpt_dir / str(start)} (step {start})", flush=True)
     elif run.resume:
@@ -412,7 +490,10 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
 
     def save(step: int) -> None:
         check_finite(step, "checkpoint")
-        checkpoints.save(step, state, {"step": step, "loader": loader.state_dict(), "seed": run.seed})
+        meta = {"step": step, "loader": loader.state_dict(), "seed": run.seed}
+        if jax.process_count() > 1:  # each process reads its own share of the data: keep every position
+            meta["loaders"] = _gather_json(meta["loader"])
+        checkpoints.save(step, state, meta)
         metrics.flush()
 
     stop = _StopFlag()
@@ -447,6 +528,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
             "tokens_per_s": n_tok / dt,
             "step_time_s": dt,
             "seq_len": seq_len,
+            "skipped_too_long": loader.stats["too_long"],  # so far, whole run (as of the batch being built)
+            "skipped_unreadable": loader.stats["errors"],
             **{k: float(v) for k, v in m.items() if k.startswith("lr_")},
         }
         if n % run.log_every == 0 or n == run.steps:
@@ -513,6 +596,30 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         metrics.plot(out / "loss_curve.png")
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.int32(data.size))))
+    padded = np.zeros(n, np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), n)
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
+def _own_loader_state(meta: dict) -> dict:
+    """This process's loader position in a checkpoint's meta (`loaders` when saved by several)."""
+    if "loaders" not in meta:
+        return meta["loader"]
+    if len(meta["loaders"]) != jax.process_count():
+        raise ValueError(
+            f"cannot resume: the checkpoint was saved by {len(meta['loaders'])} processes, this run has "
+            f"{jax.process_count()} (each reads its own share of the data)"
+        )
+    return meta["loaders"][jax.process_index()]
 
 
 def _skipped(loader, run: RunConfig) -> str:
