@@ -443,7 +443,7 @@ def train(run: RunConfig) -> dict[str, Any]:
 
 
 def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
-    from .data import SampleEncoder
+    from .data import SampleEncoder, SampleError
     from .pretrained import save_nanovlm
     from .sharding import make_mesh
     from .tokenizer import load_tokenizer
@@ -542,7 +542,17 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         end = run.steps if run.stop_after is None else min(run.steps, start + run.stop_after)
         while step < end and not stop.requested:
             # assembled (and sent) while the previous step runs: the device is never left waiting
-            group = stack_group([next(batches) for _ in range(run.grad_accum)])
+            try:
+                group = stack_group([next(batches) for _ in range(run.grad_accum)])
+            except SampleError:  # a sample that cannot be read (--on-error raise): keep the steps done
+                if pending is not None:
+                    report(pending)
+                    pending = None
+                if step > start and checkpoints.latest_step() != step:
+                    save(step)
+                    print(f"a sample cannot be read: saved a checkpoint at step {step} (--resume with "
+                          "--on-error skip goes on past it)", file=sys.stderr, flush=True)  # fmt: skip
+                raise
             if not np.any(group["labels"] != IGNORE_INDEX):
                 raise ValueError(
                     f"step {step + 1}: no sample in the batch has a token to train on; " + _skipped(loader, run)

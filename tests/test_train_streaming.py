@@ -97,3 +97,31 @@ def test_two_processes_streamed_packed_resume_is_bit_identical(shards, tmp_path)
     jaxvlm_train(args(shards, cut, "--stop-after", "4"), processes=2)
     jaxvlm_train(args(shards, cut, "--resume"), processes=2)
     assert_identical(full, cut)
+
+
+def test_unreadable_image_mid_run_saves_a_checkpoint_then_resumes_with_skip(tmp_path):
+    """--on-error raise stops at a photo that will not decode, but keeps the steps done as a
+    checkpoint; --resume --on-error skip goes on past it (counted in metrics.jsonl)."""
+    import io
+
+    from PIL import Image
+
+    from jaxvlm.data import SampleError
+    from jaxvlm.train_loop import RunConfig, train
+
+    rows = coco_rows()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (0, 90, 200)).save(buf, "JPEG")
+    rows[29]["images"] = [buf.getvalue()[:200]]  # the header reads (the loader plans with it), the pixels do not
+    write_cauldron_shards(rows, tmp_path / "shards", rows_per_shard=17, row_group_size=5)
+    run = RunConfig(data=f"cauldron:{tmp_path / 'shards'}", packing=True, tokenizer=str(SMOLLM2), steps=30,
+                    batch_size=2, max_length=160, pack_buffer=12, save_every=1000, log_every=1,
+                    output_dir=str(tmp_path / "run"), seed=1)  # fmt: skip
+    with pytest.raises(SampleError, match=r"shard-00001\.parquet:12"):
+        train(run)
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 0 < saved[0] < 30, saved
+    summary = train(RunConfig(**{**run.__dict__, "resume": True, "on_error": "skip"}))
+    assert summary["steps"] == 30 and summary["skipped_samples"]["unreadable"] >= 1
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_unreadable"] >= 1
