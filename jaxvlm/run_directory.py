@@ -30,7 +30,10 @@ from conversion import atomic
 MARKER = ".jaxvlm-run"
 LOCK = ".jaxvlm-run.lock"
 # What a run writes into its directory (and so may remove when it starts over).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "run_config.json", "summary.json", "loss_curve.png", "model")
+RUN_OUTPUTS = (
+    "checkpoints", "checkpoints-best", "best.json", "metrics.jsonl", "run_config.json", "summary.json",
+    "loss_curve.png", "model", "tensorboard",
+)  # fmt: skip
 
 
 class RunDirectory:

@@ -150,6 +150,7 @@ class Trainer:
             self.state_sharding = sharding.tree_shardings(abstract, mesh)
             out_shardings = (self.state_sharding, sharding.replicated(mesh))
         self._jit_step = jax.jit(self._step, donate_argnums=(0,), out_shardings=out_shardings)
+        self._jit_eval = None
 
     def _new_state(self, params, rest) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
@@ -212,6 +213,22 @@ class Trainer:
         """Every trained parameter finite (one jitted reduction; on a mesh, over the shards)."""
         with sharding.use_mesh(self.mesh):
             return bool(_all_finite(state.params))
+
+    def eval_sums(self, state: TrainState, batch: dict) -> tuple[float, int]:
+        """(summed token loss, labelled tokens) of a `place_batch`ed batch [1, B, ...]: the
+        training loss without an update (validation)."""
+        if self._jit_eval is None:
+            self._jit_eval = jax.jit(self._eval)
+        with sharding.use_mesh(self.mesh):
+            total, count = self._jit_eval(state.params, state.rest, batch)
+        return float(total), int(count)
+
+    def _eval(self, params, rest, batch):
+        micro = jax.tree.map(lambda x: x[0], batch)
+        with self.options.precision():
+            loss = loss_fn(nnx.merge(self.graphdef, params, rest), micro)
+        count = jnp.sum(micro["labels"] != IGNORE_INDEX)
+        return jnp.where(count > 0, loss * count, 0.0), count  # a batch of blank rows adds nothing
 
     def model(self, state: TrainState) -> VisionLanguageModel:
         return nnx.merge(self.graphdef, state.params, state.rest)

@@ -44,6 +44,7 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**32 - 1), "max_length": (1, None), "save_every": (1, None), "keep": (1, None),
     "log_every": (1, None), "stop_after": (0, None), "loader_workers": (0, 256), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
+    "eval_every": (1, None), "eval_holdout": (0, None), "eval_batches": (1, None), "eval_exact_match": (0, None),
     "pack_buffer": (1, None), "max_images_per_sample": (1, None), "max_images_per_pack": (1, None),
     "relevance_min_rating": (None, None), "image_correspondence_min_rating": (None, None),
     "visual_dependency_min_rating": (None, None), "formatting_min_rating": (None, None),
@@ -107,6 +108,14 @@ class RunConfig:
     loader_workers: int = 0  # processes decoding and encoding samples (0: a thread of this process)
     on_error: str = "raise"  # a sample that cannot be read: "raise" or "skip" (a blank row, counted)
     on_too_long: str = "skip"  # a sample longer than max_length: "skip" (as upstream drops them) or "raise"
+    # Validation in the loop: every eval_every steps, the loss over eval_batches batches of eval_data (a --data
+    # spec), or of eval_holdout rows held out of an in-memory training set (synthetic: its held-out split)
+    eval_every: int | None = None
+    eval_data: str | None = None
+    eval_holdout: int = 0
+    eval_batches: int = 8
+    eval_exact_match: int = 0  # also greedy exact match on the first N eval samples (in-memory eval data)
+    keep_best: bool = False  # keep the checkpoint of the best validation loss in checkpoints-best/ (best.json)
     # Packing (jaxvlm.data.packing): several samples per row of max_length tokens; batch_size counts rows.
     packing: bool = False
     packing_mode: str = "segments"  # segments: each sample sees only itself | upstream: nanoVLM's, they see each other
@@ -191,6 +200,11 @@ class RunConfig:
                 VLMConfig.preset(self.preset, **self.model)
             except ValueError as e:
                 problems.append(f"model: {e}")
+        needs_eval = [n for n in ("keep_best", "eval_exact_match", "eval_data", "eval_holdout") if getattr(self, n)]
+        if needs_eval and self.eval_every is None:
+            problems.append(f"{', '.join(needs_eval)} need eval_every")
+        if self.eval_data and self.eval_holdout:
+            problems.append("eval_data and eval_holdout: choose one")
         if self.remat_policy is not None and not self.remat:
             problems.append(f"remat_policy {self.remat_policy!r} needs remat")
         if problems:
@@ -253,7 +267,7 @@ def is_streamed(spec: str) -> bool:
     return kind == "cauldron" and not path.endswith((".json", ".jsonl"))
 
 
-def build_stream(run: RunConfig, *, reader_index: int = 0, reader_count: int = 1):
+def build_stream(run: RunConfig, *, reader_index: int = 0, reader_count: int = 1, shuffle: bool = True):
     """The `ShardStream` of `--data cauldron:SHARDS`: this process's share, upstream's rating filters."""
     from .data.streaming import ShardStream
 
@@ -266,6 +280,7 @@ def build_stream(run: RunConfig, *, reader_index: int = 0, reader_count: int = 1
     return ShardStream(
         run.data.partition(":")[2],
         seed=run.seed,
+        shuffle=shuffle,
         reader_index=reader_index,
         reader_count=reader_count,
         min_ratings=ratings,
@@ -293,18 +308,20 @@ def build_dataset(run: RunConfig, cfg: VLMConfig, encoder, split: str = "train")
     raise ValueError(f"--data {run.data!r}: unknown kind {kind!r} (synthetic, llava, cauldron, coco)")
 
 
-def build_train_loader(run: RunConfig, cfg: VLMConfig, encoder):
+def build_train_loader(run: RunConfig, cfg: VLMConfig, encoder, dataset=None):
     """The loader `jaxvlm train` reads: streamed shards or packing -> `StreamLoader` (this
-    process's share of the stream); otherwise `DataLoader` over the dataset read whole."""
+    process's share of the stream); otherwise `DataLoader` over the dataset read whole
+    (`dataset`, or `--data`'s)."""
     from .data.stream_loader import IndexSource, ShardSource, StreamLoader
 
+    if dataset is None and not is_streamed(run.data):
+        dataset = build_dataset(run, cfg, encoder)
     if not (run.packing or is_streamed(run.data)):
-        return build_loader(run, build_dataset(run, cfg, encoder))
+        return build_loader(run, dataset)
     pid, n_proc = jax.process_index(), jax.process_count()
     if is_streamed(run.data):
         source = ShardSource(build_stream(run, reader_index=pid, reader_count=n_proc), encoder)
     else:
-        dataset = build_dataset(run, cfg, encoder)
         source = IndexSource(dataset, seed=run.seed, reader_index=pid, reader_count=n_proc)
     return StreamLoader(
         source,
@@ -324,7 +341,76 @@ def build_train_loader(run: RunConfig, cfg: VLMConfig, encoder):
     )
 
 
-def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
+def hold_out(dataset, n: int, seed: int):
+    """(train, held out): `n` rows of an in-memory conversation dataset drawn with `seed`."""
+    from .data import ConversationDataset
+
+    if not isinstance(dataset, ConversationDataset):
+        raise ValueError("--eval-holdout works on llava:, cauldron: (.json/.jsonl) and coco: data; give --eval-data")
+    if not 0 < n < len(dataset):
+        raise ValueError(f"--eval-holdout {n}: the dataset has {len(dataset)} rows")
+    held = set(np.random.default_rng([seed, 7]).permutation(len(dataset))[:n].tolist())
+    recs = dataset.records
+    return (
+        ConversationDataset([r for i, r in enumerate(recs) if i not in held], dataset.encoder, name=dataset.name),
+        ConversationDataset([r for i, r in enumerate(recs) if i in held], dataset.encoder, name=f"{dataset.name} (held out)"),
+    )  # fmt: skip
+
+
+class Validation:
+    """Validation loss (token-weighted, as the training loss) over the first `eval_batches`
+    batches of the eval data, in the same order every time; optionally greedy exact match on its
+    first `eval_exact_match` samples. On several processes each process takes its share of each
+    batch and the sums are global."""
+
+    def __init__(self, run: RunConfig, cfg: VLMConfig, encoder, dataset=None):
+        self.run, self.cfg, self.encoder = run, cfg, encoder
+        spec = run.eval_data
+        self.dataset = dataset  # in memory (held out, synthetic's split, or --eval-data's)
+        if dataset is None and spec and not is_streamed(spec):
+            self.dataset = build_dataset(dataclasses.replace(run, data=spec), cfg, encoder)
+        if self.dataset is None and not (spec and is_streamed(spec)):
+            raise ValueError(
+                "--eval-every needs --eval-data SPEC or --eval-holdout N (synthetic data uses its held-out split)"
+            )
+        if run.eval_exact_match and self.dataset is None:
+            raise ValueError("--eval-exact-match needs in-memory eval data (not streamed shards)")
+
+    def _batches(self):
+        from .data.stream_loader import ShardSource, StreamLoader
+
+        run, n = self.run, self.run.eval_batches
+        if self.dataset is not None:
+            loader = build_loader(run, self.dataset, shuffle=False, drop_last=False)
+            yield from (b for _, b in zip(range(min(n, len(loader))), iter(loader)))
+            return
+        stream = build_stream(dataclasses.replace(run, data=run.eval_data), reader_index=jax.process_index(),
+                              reader_count=jax.process_count(), shuffle=False)  # fmt: skip
+        loader = StreamLoader(ShardSource(stream, self.encoder), run.batch_size, max_length=run.max_length,
+                              n_image_tokens=self.cfg.n_image_tokens, seq_buckets=run.seq_buckets,
+                              process_count=jax.process_count(), prefetch=0, on_error=run.on_error,
+                              on_too_long="skip")  # fmt: skip
+        batches = loader.forever()
+        yield from (b for _, b in zip(range(n), batches))
+        batches.close()
+
+    def __call__(self, trainer, state, tokenizer) -> dict:
+        total = count = 0
+        for batch in self._batches():
+            s, c = trainer.eval_sums(state, trainer.place_batch(stack_group([batch])))
+            total, count = total + s, count + c
+        out = {"val_loss": total / count if count else float("nan"), "val_tokens": count}
+        if self.run.eval_exact_match:
+            from .evaluation import exact_match
+
+            model = trainer.host_model(state)
+            n = min(self.run.eval_exact_match, len(self.dataset))
+            out["val_exact_match"] = exact_match(model, tokenizer, self.dataset, batch_size=self.run.batch_size,
+                                                 limit=n)["exact_match"]  # fmt: skip
+        return out
+
+
+def build_loader(run: RunConfig, dataset, *, shuffle: bool = True, drop_last: bool = True):
     from .data import DataLoader
 
     return DataLoader(
@@ -333,8 +419,9 @@ def build_loader(run: RunConfig, dataset, *, shuffle: bool = True):
         seq_buckets=run.seq_buckets,
         max_length=run.max_length,
         shuffle=shuffle,
+        drop_last=drop_last,
         seed=run.seed,
-        shape_group=run.grad_accum,
+        shape_group=run.grad_accum if shuffle else 1,
         worker_processes=run.loader_workers,
         on_error=run.on_error,
         on_too_long=run.on_too_long,
@@ -461,7 +548,16 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     tok_path = tokenizer_path(run)
     tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
-    loader = build_train_loader(run, cfg, encoder)
+    train_data = None if is_streamed(run.data) else build_dataset(run, cfg, encoder)
+    validation = None
+    if run.eval_every:
+        held = None
+        if run.eval_holdout:
+            train_data, held = hold_out(train_data, run.eval_holdout, run.seed)
+        elif not run.eval_data and run.data.partition(":")[0] == "synthetic":
+            held = build_dataset(run, cfg, encoder, split="heldout")
+        validation = Validation(run, cfg, encoder, held)
+    loader = build_train_loader(run, cfg, encoder, train_data)
     trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
@@ -495,6 +591,25 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
             meta["loaders"] = _gather_json(meta["loader"])
         checkpoints.save(step, state, meta)
         metrics.flush()
+
+    best_ckpts = TrainCheckpoints(out / "checkpoints-best", keep=1) if run.keep_best else None
+    best = {"val_loss": math.inf, "step": None}
+    if run.keep_best and run.resume and (out / "best.json").is_file():
+        best = json.loads((out / "best.json").read_text())
+        if best["step"] is not None and best["step"] > start:  # saved after the checkpoint we resume from
+            best = {"val_loss": math.inf, "step": None}
+
+    def evaluate(step: int) -> None:
+        v = validation(trainer, state, tokenizer)
+        metrics.add({"step": step, **v})
+        extra = f" | exact match {v['val_exact_match']:.3f}" if "val_exact_match" in v else ""
+        print(f"validation at step {step}: loss {v['val_loss']:.4f} over {v['val_tokens']} tokens{extra}", flush=True)
+        if best_ckpts is not None and v["val_loss"] < best["val_loss"]:
+            check_finite(step, "best checkpoint")
+            best_ckpts.save(step, state, {"step": step, "val_loss": v["val_loss"], "seed": run.seed})
+            best.update(val_loss=v["val_loss"], step=step)
+            if primary:
+                atomic.write_text(out / "best.json", json.dumps(best, indent=2))
 
     stop = _StopFlag()
     batches = loader.forever()
@@ -562,9 +677,14 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
             if pending is not None:
                 report(pending)
             pending = (step, m, int(group["input_ids"].shape[-1]))
-            if step % run.save_every == 0 and step < end:
-                report(pending)  # a checkpoint only of a step whose loss was checked
+            if validation is not None and (step % run.eval_every == 0 or step == run.steps):
+                report(pending)
                 pending = None
+                evaluate(step)
+            if step % run.save_every == 0 and step < end:
+                if pending is not None:
+                    report(pending)  # a checkpoint only of a step whose loss was checked
+                    pending = None
                 save(step)
         if pending is not None:
             report(pending)
@@ -577,6 +697,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     finally:
         stop.restore()
         checkpoints.close()
+        if best_ckpts is not None:
+            best_ckpts.close()
         batches.close()  # the prefetch thread stops first, then the worker processes
         loader.close()
         metrics.flush()  # a run that stopped on an error keeps the rows up to it
@@ -596,6 +718,10 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         "signal": stop.signal,
         "skipped_samples": {"too_long": loader.stats["too_long"], "unreadable": loader.stats["errors"]},
     }
+    if validation is not None:
+        summary["validation"] = next((r for r in reversed(metrics.rows) if "val_loss" in r), None)
+    if best_ckpts is not None:
+        summary["best"] = {**best, "checkpoint": str(out / "checkpoints-best" / str(best["step"]))}
     if loader.stats["too_long"] or loader.stats["errors"]:
         print("note: " + _skipped(loader, run), file=sys.stderr, flush=True)
     if primary:

@@ -1,0 +1,76 @@
+"""Validation in the training loop (`--eval-every`): the loss it logs is the loss `jaxvlm eval`'s
+`mean_loss` computes on the exported model over the same batches; `--keep-best` keeps the
+checkpoint of the best validation loss; held-out rows never reach the training loader; bad
+settings are one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxvlm.train_loop import RunConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMOLLM2 = SHARED / "data" / "smollm2"
+COCO_ROOT = SHARED / "data" / "coco-mini"
+needs_data = pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file() or not (COCO_ROOT / "captions.json").is_file(),
+    reason=f"real tokenizer / COCO data not found under {SHARED / 'data'} (../shared is absent)",
+)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_data
+def test_validation_loss_is_the_exported_models_loss_and_best_is_kept(tmp_path):
+    from jaxvlm.data import DataLoader
+    from jaxvlm.evaluation import mean_loss
+    from jaxvlm.pretrained import load_nanovlm
+    from jaxvlm.train_loop import build_dataset, hold_out
+
+    out = tmp_path / "run"
+    run = RunConfig(data=f"coco:{COCO_ROOT}", tokenizer=str(SMOLLM2), steps=6, batch_size=4, max_length=128,
+                    eval_every=2, eval_holdout=10, eval_batches=2, keep_best=True, log_every=1, lr_mp=5e-3,
+                    output_dir=str(out), seed=2)  # fmt: skip
+    summary = train(run)
+    val = [r for r in rows(out) if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4, 6]
+    best = json.loads((out / "best.json").read_text())
+    want = min(val, key=lambda r: r["val_loss"])
+    assert best == {"val_loss": want["val_loss"], "step": want["step"]}
+    assert [p.name for p in (out / "checkpoints-best").iterdir()] == [str(want["step"])]
+    assert summary["best"]["step"] == want["step"]
+
+    # the last validation equals mean_loss of the exported model on the same held-out batches
+    model = load_nanovlm(out / "model")
+    from jaxvlm.data import SampleEncoder
+    from jaxvlm.tokenizer import load_tokenizer
+
+    enc = SampleEncoder.from_config(model.cfg, load_tokenizer(SMOLLM2, extra_tokens=model.cfg.extra_tokens))
+    train_ds, held = hold_out(build_dataset(run, model.cfg, enc), 10, run.seed)
+    assert len(held) == 10 and len(train_ds) == 41
+    assert not {r.source for r in held.records} & {r.source for r in train_ds.records}
+    loader = DataLoader(held, 4, max_length=128, shuffle=False, drop_last=False, seed=run.seed)
+    ref = mean_loss(model, loader, max_batches=2)
+    assert abs(val[-1]["val_loss"] - ref) <= 1e-5 * abs(ref), f"validation {val[-1]['val_loss']} vs mean_loss {ref}"
+
+
+def test_validation_settings_are_checked_in_one_place():
+    with pytest.raises(ValueError, match="keep_best need eval_every"):
+        RunConfig(keep_best=True)
+    with pytest.raises(ValueError, match="eval_data and eval_holdout: choose one"):
+        RunConfig(eval_every=5, eval_data="coco:x", eval_holdout=3)
+    with pytest.raises(ValueError, match="eval_every 0"):
+        RunConfig(eval_every=0)
+
+
+@needs_data
+def test_validation_needs_eval_data_for_non_synthetic_runs(tmp_path):
+    run = RunConfig(data=f"coco:{COCO_ROOT}", tokenizer=str(SMOLLM2), steps=2, batch_size=2, eval_every=1,
+                    output_dir=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(ValueError, match="--eval-every needs --eval-data SPEC or --eval-holdout N"):
+        train(run)
