@@ -1,51 +1,48 @@
-"""A dependency-free line plot (pillow only) for the loss curve."""
+"""The run's curves with matplotlib: training and validation loss, learning rates, tokens/s.
+
+    plot_training(metrics_rows, "runs/demo/loss_curve.png")
+
+`metrics_rows` are `metrics.jsonl`'s rows: training rows carry `loss`, `lr_<group>` and
+`tokens_per_s`; validation rows `val_loss` (and `val_exact_match`). The PNG is written whole
+(`conversion.atomic`). matplotlib's Agg backend: no display needed, nothing global changed.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-
-from PIL import Image, ImageDraw
 
 from conversion.atomic import atomic_file
 
 
-def plot_curve(
-    points: list[tuple[float, float]],
-    path: str | Path,
-    *,
-    title: str = "",
-    xlabel: str = "",
-    ylabel: str = "",
-    size: tuple[int, int] = (720, 420),
-) -> None:
-    """Draw y(x) with axes, min/max labels and a title; write a PNG to `path`."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+def plot_training(rows: Sequence[dict], path: str | Path) -> None:
+    """Three panels over the step: loss (train, validation), learning rate per group, tokens/s."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def to_px(x, y):
-        return (
-            left + (x - x0) / (x1 - x0) * (W - left - right),
-            H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom),
-        )
-
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(1, 4):  # light grid
-        gy = top + k * (H - top - bottom) / 4
-        d.line([left, gy, W - right, gy], fill=(225, 225, 225))
-    d.line(
-        [to_px(x, y) for x, y in points] if len(points) > 1 else [to_px(xs[0], ys[0])] * 2, fill=(30, 90, 200), width=2
-    )
-    d.text((W / 2 - 3 * len(title), 12), title, fill="black")
-    d.text((left - 60, top - 5), f"{y1:.3g}", fill="black")
-    d.text((left - 60, H - bottom - 8), f"{y0:.3g}", fill="black")
-    d.text((left, H - bottom + 6), f"{x0:g}", fill="black")
-    d.text((W - right - 40, H - bottom + 6), f"{x1:g}", fill="black")
-    d.text((W / 2 - 3 * len(xlabel), H - 22), xlabel, fill="black")
-    d.text((5, H / 2), ylabel, fill="black")
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig = Figure(figsize=(8, 9), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss, lr, speed = fig.subplots(3, 1, sharex=True)
+    loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", color="tab:blue")
+    if val:
+        loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", color="tab:orange")
+    loss.set_ylabel("loss")
+    loss.legend()
+    loss.grid(alpha=0.3)
+    groups = sorted({k for r in train for k in r if k.startswith("lr_")})
+    for g in groups:
+        lr.plot([r["step"] for r in train if g in r], [r[g] for r in train if g in r], label=g[3:])
+    lr.set_ylabel("learning rate")
+    lr.set_yscale("log" if groups and all(r[g] > 0 for r in train for g in groups if g in r) else "linear")
+    if groups:
+        lr.legend()
+    lr.grid(alpha=0.3)
+    pts = [(r["step"], r["tokens_per_s"]) for r in train if "tokens_per_s" in r]
+    speed.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:green")
+    speed.set_ylabel("tokens / s (real)")
+    speed.set_xlabel("step")
+    speed.grid(alpha=0.3)
     with atomic_file(path, "wb") as f:
-        img.save(f, format="PNG")
+        fig.savefig(f, format="png", dpi=90)

@@ -115,6 +115,7 @@ class RunConfig:
     eval_holdout: int = 0
     eval_batches: int = 8
     eval_exact_match: int = 0  # also greedy exact match on the first N eval samples (in-memory eval data)
+    tensorboard: bool = True  # TensorBoard event files in OUTPUT_DIR/tensorboard (tensorboardX)
     keep_best: bool = False  # keep the checkpoint of the best validation loss in checkpoints-best/ (best.json)
     # Packing (jaxvlm.data.packing): several samples per row of max_length tokens; batch_size counts rows.
     packing: bool = False
@@ -481,31 +482,58 @@ class MetricsLog:
         self._flushed, self._pending = time.monotonic(), False
 
     def plot(self, path: Path) -> None:
-        from .plotting import plot_curve
+        from .plotting import plot_training
 
-        pts = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        if pts:
-            plot_curve(pts, path, title="training loss", xlabel="step", ylabel="loss")
+        if any("loss" in r for r in self.rows):
+            plot_training(self.rows, path)
+
+
+class TensorBoard:
+    """Every metrics row as TensorBoard scalars (tensorboardX) in `directory`: `train/<name>` and
+    `validation/<name>`. Event files are logs written as they go (a new file per run); the
+    complete record stays metrics.jsonl."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(directory), flush_secs=10)
+
+    def add(self, row: dict) -> None:
+        step = row["step"]
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                name = f"validation/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+                self.writer.add_scalar(name, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class Progress:
-    """One status line, redrawn in place on a terminal, printed every `every` steps otherwise."""
+    """A progress bar with rate and ETA on a terminal (tqdm); plain lines every `every` steps
+    otherwise (a log file)."""
 
-    def __init__(self, total: int, every: int):
+    def __init__(self, total: int, every: int, start: int = 0):
         self.total, self.every, self.tty = total, max(every, 1), sys.stdout.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def update(self, step: int, text: str) -> None:
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
-        if self.tty:
-            print("\r" + line, end="", flush=True)
-        elif step % self.every == 0 or step == self.total:
-            print(line, flush=True)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=True)
+            return
+        if step % self.every == 0 or step == self.total:
+            width = 24
+            done = int(width * step / max(self.total, 1))
+            print(f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}", flush=True)
 
     def close(self) -> None:
-        if self.tty:
-            print()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -602,6 +630,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         v = validation(trainer, state, tokenizer)
         metrics.add({"step": step, **v})
+        if tensorboard is not None:
+            tensorboard.add({"step": step, **v})
         extra = f" | exact match {v['val_exact_match']:.3f}" if "val_exact_match" in v else ""
         print(f"validation at step {step}: loss {v['val_loss']:.4f} over {v['val_tokens']} tokens{extra}", flush=True)
         if best_ckpts is not None and v["val_loss"] < best["val_loss"]:
@@ -610,10 +640,12 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
             best.update(val_loss=v["val_loss"], step=step)
             if primary:
                 atomic.write_text(out / "best.json", json.dumps(best, indent=2))
+        clock["last"] = time.perf_counter()  # the next step's time does not include this validation
 
     stop = _StopFlag()
     batches = loader.forever()
-    progress = Progress(run.steps, run.log_every)
+    progress = Progress(run.steps, run.log_every, start)
+    tensorboard = TensorBoard(out / "tensorboard") if (run.tensorboard and primary) else None
     t_start, tokens, last = time.perf_counter(), 0, {}
     clock = {"last": t_start}
 
@@ -649,6 +681,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         }
         if n % run.log_every == 0 or n == run.steps:
             metrics.add(last)
+            if tensorboard is not None:
+                tensorboard.add(last)
         progress.update(n, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
 
     step = start
@@ -697,6 +731,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     finally:
         stop.restore()
         checkpoints.close()
+        if tensorboard is not None:
+            tensorboard.close()
         if best_ckpts is not None:
             best_ckpts.close()
         batches.close()  # the prefetch thread stops first, then the worker processes

@@ -74,3 +74,39 @@ def test_validation_needs_eval_data_for_non_synthetic_runs(tmp_path):
                     output_dir=str(tmp_path / "run"))  # fmt: skip
     with pytest.raises(ValueError, match="--eval-every needs --eval-data SPEC or --eval-holdout N"):
         train(run)
+
+
+def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files (TFRecord framing: length, crc, Event, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            (n,) = struct.unpack("<Q", raw[at : at + 8])
+            event = Event.FromString(raw[at + 12 : at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+@needs_data
+def test_tensorboard_events_and_the_plot_carry_the_metrics(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    train(RunConfig(tokenizer=str(SMOLLM2), steps=4, batch_size=4, synthetic_size=64, eval_every=2, eval_batches=1,
+                    log_every=1, output_dir=str(out)))  # fmt: skip
+    got = _scalars(out / "tensorboard")
+    logged = rows(out)
+    want_loss = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert [s for s, _ in got["train/loss"]] == [s for s, _ in want_loss] == [1, 2, 3, 4]
+    assert all(abs(a - b) <= 1e-6 * abs(b) for (_, a), (_, b) in zip(got["train/loss"], want_loss))  # float32 there
+    assert [s for s, _ in got["validation/loss"]] == [2, 4]
+    assert {"train/lr_mp", "train/tokens_per_s", "train/grad_norm"} <= set(got)
+    with Image.open(out / "loss_curve.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 500
