@@ -32,7 +32,7 @@ LOCK = ".jaxvlm-run.lock"
 # What a run writes into its directory (and so may remove when it starts over).
 RUN_OUTPUTS = (
     "checkpoints", "checkpoints-best", "best.json", "metrics.jsonl", "run_config.json", "summary.json",
-    "loss_curve.png", "model", "tensorboard",
+    "loss_curve.png", "model", "tensorboard", "wandb",
 )  # fmt: skip
 
 

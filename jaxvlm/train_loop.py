@@ -116,6 +116,7 @@ class RunConfig:
     eval_batches: int = 8
     eval_exact_match: int = 0  # also greedy exact match on the first N eval samples (in-memory eval data)
     tensorboard: bool = True  # TensorBoard event files in OUTPUT_DIR/tensorboard (tensorboardX)
+    wandb_project: str | None = None  # also log to Weights & Biases (wandb installed; WANDB_MODE=offline works)
     keep_best: bool = False  # keep the checkpoint of the best validation loss in checkpoints-best/ (best.json)
     # Packing (jaxvlm.data.packing): several samples per row of max_length tokens; batch_size counts rows.
     packing: bool = False
@@ -509,6 +510,30 @@ class TensorBoard:
         self.writer.close()
 
 
+class Wandb:
+    """Every metrics row to a Weights & Biases run (`wandb.init(project=..., dir=OUTPUT_DIR)`):
+    training values under their names, validation under `val/`. Asked for with --wandb-project;
+    wandb not installed is an error naming it, not a silent skip."""
+
+    def __init__(self, project: str, run: RunConfig, out: Path):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb-project: wandb is not installed (pip install wandb)") from None
+        self.run = wandb.init(project=project, config=dataclasses.asdict(run), dir=str(out), name=out.name)
+
+    def add(self, row: dict) -> None:
+        values = {
+            (f"val/{k[4:]}" if k.startswith("val_") else k): v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float))
+        }
+        self.run.log(values, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Progress:
     """A progress bar with rate and ETA on a terminal (tqdm); plain lines every `every` steps
     otherwise (a log file)."""
@@ -565,6 +590,11 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     from .train import Trainer
     from .train_checkpoints import TrainCheckpoints
 
+    if run.wandb_project:  # asked for and missing: an error before anything is built or written
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb-project: wandb is not installed (pip install wandb)")
     ckpt_dir = out / "checkpoints"
     if not run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise FileExistsError(
@@ -630,8 +660,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         v = validation(trainer, state, tokenizer)
         metrics.add({"step": step, **v})
-        if tensorboard is not None:
-            tensorboard.add({"step": step, **v})
+        for sink in sinks:
+            sink.add({"step": step, **v})
         extra = f" | exact match {v['val_exact_match']:.3f}" if "val_exact_match" in v else ""
         print(f"validation at step {step}: loss {v['val_loss']:.4f} over {v['val_tokens']} tokens{extra}", flush=True)
         if best_ckpts is not None and v["val_loss"] < best["val_loss"]:
@@ -645,7 +675,11 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     stop = _StopFlag()
     batches = loader.forever()
     progress = Progress(run.steps, run.log_every, start)
-    tensorboard = TensorBoard(out / "tensorboard") if (run.tensorboard and primary) else None
+    sinks = []  # where metrics rows go besides metrics.jsonl (process 0 only)
+    if primary and run.tensorboard:
+        sinks.append(TensorBoard(out / "tensorboard"))
+    if primary and run.wandb_project:
+        sinks.append(Wandb(run.wandb_project, run, out))
     t_start, tokens, last = time.perf_counter(), 0, {}
     clock = {"last": t_start}
 
@@ -681,8 +715,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         }
         if n % run.log_every == 0 or n == run.steps:
             metrics.add(last)
-            if tensorboard is not None:
-                tensorboard.add(last)
+            for sink in sinks:
+                sink.add(last)
         progress.update(n, f"loss {loss:.4f} | {n_tok / dt:,.0f} tok/s | compiles {trainer.compiles}")
 
     step = start
@@ -731,8 +765,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     finally:
         stop.restore()
         checkpoints.close()
-        if tensorboard is not None:
-            tensorboard.close()
+        for sink in sinks:
+            sink.close()
         if best_ckpts is not None:
             best_ckpts.close()
         batches.close()  # the prefetch thread stops first, then the worker processes

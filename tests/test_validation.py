@@ -110,3 +110,52 @@ def test_tensorboard_events_and_the_plot_carry_the_metrics(tmp_path):
     assert {"train/lr_mp", "train/tokens_per_s", "train/grad_norm"} <= set(got)
     with Image.open(out / "loss_curve.png") as im:
         assert im.size[0] > 500 and im.size[1] > 500
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of an offline wandb run file (LevelDB log framing: 32 KiB blocks of
+    [crc u32, length u16, type u8] records after a 7-byte header; full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+    at, buf, out = 7, b"", []
+    while at + 7 <= len(raw):
+        if 32768 - at % 32768 < 7:
+            at += 32768 - at % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[at : at + 7])
+        data, at = raw[at + 7 : at + 7 + n], at + 7 + n
+        if kind in (1, 4):
+            record = pb.Record.FromString(buf + data if kind == 4 else data)
+            if record.WhichOneof("record_type") == "history":
+                out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind in (2, 3):
+            buf = data if kind == 2 else buf + data
+    return out
+
+
+@needs_data
+def test_wandb_offline_run_gets_every_row(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (it is in the dev extras)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(RunConfig(tokenizer=str(SMOLLM2), steps=4, batch_size=4, synthetic_size=64, eval_every=2, eval_batches=1,
+                    log_every=1, output_dir=str(out), wandb_project="jaxvlm-test"))  # fmt: skip
+    history = _wandb_history(out)
+    logged = rows(out)
+    assert [h["_step"] for h in history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history] == [r["loss"] for r in logged if "loss" in r]
+    assert [h["val/loss"] for h in history if "val/loss" in h] == [r["val_loss"] for r in logged if "val_loss" in r]
+
+
+def test_wandb_asked_for_but_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="wandb is not installed"):
+        train(RunConfig(steps=1, wandb_project="p", output_dir=str(tmp_path / "run"), tokenizer=str(SMOLLM2)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
