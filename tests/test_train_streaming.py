@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sharding import jaxvlm_train
+from test_sharding import free_port, jaxvlm_train
 from test_stream_loader import COCO_ROOT, SMOLLM2, coco_rows
 
 from conversion import read_checkpoint
@@ -89,12 +89,54 @@ def test_killed_and_resumed_streamed_packed_run_is_bit_identical(shards, tmp_pat
     assert_identical(full, cut)
 
 
-def test_two_processes_streamed_packed_resume_is_bit_identical(shards, tmp_path):
-    """Each process reads its own share of the units and packs it; the checkpoint keeps every
-    process's position."""
+def launch(argv: list[str], processes: int) -> list[subprocess.Popen]:
+    """`jaxvlm train ARGV` as `processes` processes on one coordinator (not waited for)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxvlm",
+                "train",
+                *argv,
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(processes),
+                "--process-id",
+                str(pid),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for pid in range(processes)
+    ]
+
+
+def test_two_processes_killed_and_resumed_streamed_packed_run_is_bit_identical(shards, tmp_path):
+    """Each process reads its own share of the units and packs it (2 loader workers each); both
+    are SIGKILLed after the step-4 checkpoint, which keeps every process's position."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     jaxvlm_train(args(shards, full), processes=2)
-    jaxvlm_train(args(shards, cut, "--stop-after", "4"), processes=2)
+    procs = launch(args(shards, cut), 2)
+    try:
+        for line in procs[0].stdout:
+            m = PROGRESS.match(line)
+            if m and int(m.group(1)) >= 6:
+                break
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=60)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+    assert (cut / "checkpoints" / "4").is_dir() and not (cut / "model").exists()
     jaxvlm_train(args(shards, cut, "--resume"), processes=2)
     assert_identical(full, cut)
 
