@@ -181,6 +181,16 @@ class Trainer:
         widened to the largest K of any process, so that every process has the same shapes."""
         batch = dict(batch)
         n_proc, pid = jax.process_count(), jax.process_index()
+        if n_proc > 1 and "images" in batch:
+            # every process must give the same global shape: the most images any process has
+            # (a loader that chose its image bucket alone, e.g. StreamLoader); the padding is never read
+            from jax.experimental import multihost_utils
+
+            images = batch["images"]
+            most = int(np.max(multihost_utils.process_allgather(np.int32(images.shape[1]))))
+            if most > images.shape[1]:
+                pad = np.zeros((images.shape[0], most - images.shape[1]) + images.shape[2:], images.dtype)
+                batch["images"] = np.concatenate([images, pad], 1)
         if n_proc > 1 and self.mesh is not None:
             per_proc = sharding.batch_rows_per_process(self.mesh)
             if batch["input_ids"].shape[1] % per_proc:

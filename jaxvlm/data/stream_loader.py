@@ -31,9 +31,9 @@ So a resumed run sees exactly the batches an uninterrupted one would have.
 Several processes. Process p reads the source's share p of P (disjoint), so no sample is seen
 twice; every process yields B rows per step for ever, so all take the same steps. T is static
 with packing (max_length); without packing the bucket of the group's longest row on one
-process, max_length on several. N_max is the image bucket of the group's tiles on one process
-and the largest bucket (B * tiles per row at most) on several, so that all processes agree
-without talking.
+process, max_length on several (so that all agree without talking). N_max is the image bucket
+of the group's tiles; on several processes `Trainer.place_batch` pads every process's images
+to the largest N_max of any (a count all-gathered per step; padding images are never read).
 
 Imports neither jax nor torch.
 """
@@ -182,7 +182,7 @@ class StreamLoader:
       max_images_per_sample, max_images_per_pack: caps in tiles (what the ViT encodes); None:
         no cap beyond the tokens (every tile takes its image tokens of the row).
       seq_buckets: allowed T without packing (default powers of two from 32 to max_length).
-      process_count: P (T and N_max are then fixed, see the module docstring).
+      process_count: P (T is then fixed without packing too, see the module docstring).
       worker_processes, prefetch, on_error, on_too_long, shape_group: as `DataLoader`'s.
     """
 
@@ -332,11 +332,10 @@ class StreamLoader:
         else:
             longest = max((sum(len(s["input_ids"]) for s in r) for r in filled), default=1)
             T = pick_bucket(max(longest, 1), self.seq_buckets) or self.max_length
-        if self.process_count > 1:
-            n_max = self.image_buckets[-1]
-        else:
-            tiles = max(sum(s["images"].shape[0] for r in b for s in r) for b in batches)
-            n_max = pick_bucket(max(tiles, 1), self.image_buckets)
+        # the group's own bucket; on several processes `Trainer.place_batch` pads every process
+        # to the largest (one all-gather of a count per step)
+        tiles = max(sum(s["images"].shape[0] for r in b for s in r) for b in batches)
+        n_max = pick_bucket(max(tiles, 1), self.image_buckets)
         out = []
         for b in batches:
             batch = collate_packed(b, seq_len=T, n_images=n_max, pad_id=self.pad_id, image_size=self.image_size,
