@@ -45,7 +45,7 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "log_every": (1, None), "stop_after": (0, None), "loader_workers": (0, 256), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
     "eval_every": (1, None), "eval_holdout": (0, None), "eval_batches": (1, None), "eval_exact_match": (0, None),
-    "pack_buffer": (1, None), "max_images_per_sample": (1, None), "max_images_per_pack": (1, None),
+    "pack_buffer": (1, None), "stream_window": (1, None), "stream_chunk_rows": (1, None), "max_images_per_sample": (1, None), "max_images_per_pack": (1, None),
     "relevance_min_rating": (None, None), "image_correspondence_min_rating": (None, None),
     "visual_dependency_min_rating": (None, None), "formatting_min_rating": (None, None),
 }  # fmt: skip
@@ -124,6 +124,9 @@ class RunConfig:
     pack_buffer: int = 256  # samples packed together per round
     max_images_per_sample: int | None = None  # tiles (what the ViT encodes); longer samples are skipped, counted
     max_images_per_pack: int | None = None  # tiles per packed row (default: as many as its tokens hold)
+    # Streamed shards (jaxvlm.data.streaming): rows in memory and the span of the shuffle = window x chunk rows
+    stream_window: int = 8  # units (row-group slices) read and shuffled together
+    stream_chunk_rows: int = 128  # rows per unit at most (a whole row group of up to this many is read once)
     # Upstream's FineVision rating filters for streamed shards (a turn rated below is dropped; None: no filter)
     relevance_min_rating: float | None = 1
     image_correspondence_min_rating: float | None = 1
@@ -283,6 +286,8 @@ def build_stream(run: RunConfig, *, reader_index: int = 0, reader_count: int = 1
         run.data.partition(":")[2],
         seed=run.seed,
         shuffle=shuffle,
+        shuffle_window=run.stream_window,
+        chunk_rows=run.stream_chunk_rows,
         reader_index=reader_index,
         reader_count=reader_count,
         min_ratings=ratings,

@@ -169,3 +169,18 @@ def test_index_source_packs_a_random_access_dataset(enc):
                          n_image_tokens=CFG.n_image_tokens)  # fmt: skip
     again.load_state_dict(state)
     assert all(same(a, b) for a, b in zip(take(again, 3), want))
+
+
+def test_stream_flags_reach_the_stream_and_a_changed_window_refuses_to_resume(shards):
+    import dataclasses
+
+    from jaxvlm.train_loop import RunConfig, build_stream
+
+    run = RunConfig(data=f"cauldron:{shards}", stream_window=2, stream_chunk_rows=5, seed=3, relevance_min_rating=None)
+    stream = build_stream(run)
+    assert (stream.shuffle_window, stream.chunk_rows, stream.seed) == (2, 5, 3)
+    assert all(u.stop - u.start <= 5 for u in stream.units) and len(stream.units) > 102 // 5
+    assert "relevance" not in stream.min_ratings and stream.min_ratings["formatting"] == 1
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="cannot resume: saved shuffle_window=2"):
+        build_stream(dataclasses.replace(run, stream_window=4)).load_state_dict(state)
