@@ -266,9 +266,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def jaxvlm_train(args: list[str], *, processes: int = 1, devices: int = 1, env_vars: bool = False) -> None:
-    """Run `python -m jaxvlm train ARGS` as `processes` processes of `devices` CPU devices each
-    (distributed settings as flags, or as JAX_* environment variables); raise with the logs on failure."""
+def start_train(args: list[str], *, processes: int = 1, devices: int = 1, env_vars: bool = False) -> list:
+    """Start `python -m jaxvlm train ARGS` as `processes` processes of `devices` CPU devices each
+    (distributed settings as flags, or as JAX_* environment variables); the Popen objects, not waited for."""
     port = free_port()
     base = {
         **os.environ,
@@ -301,6 +301,12 @@ def jaxvlm_train(args: list[str], *, processes: int = 1, devices: int = 1, env_v
                 text=True,
             )
         )
+    return procs
+
+
+def jaxvlm_train(args: list[str], *, processes: int = 1, devices: int = 1, env_vars: bool = False) -> None:
+    """`start_train`, waited for; raise with the logs on failure."""
+    procs = start_train(args, processes=processes, devices=devices, env_vars=env_vars)
     logs = []
     try:
         for p in procs:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_sharding import free_port, jaxvlm_train
+from test_sharding import jaxvlm_train, start_train
 from test_stream_loader import COCO_ROOT, SMOLLM2, coco_rows
 
 from conversion import read_checkpoint
@@ -89,41 +89,12 @@ def test_killed_and_resumed_streamed_packed_run_is_bit_identical(shards, tmp_pat
     assert_identical(full, cut)
 
 
-def launch(argv: list[str], processes: int) -> list[subprocess.Popen]:
-    """`jaxvlm train ARGV` as `processes` processes on one coordinator (not waited for)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jaxvlm",
-                "train",
-                *argv,
-                "--coordinator-address",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                str(processes),
-                "--process-id",
-                str(pid),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for pid in range(processes)
-    ]
-
-
 def test_two_processes_killed_and_resumed_streamed_packed_run_is_bit_identical(shards, tmp_path):
     """Each process reads its own share of the units and packs it (2 loader workers each); both
     are SIGKILLed after the step-4 checkpoint, which keeps every process's position."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     jaxvlm_train(args(shards, full), processes=2)
-    procs = launch(args(shards, cut), 2)
+    procs = start_train(args(shards, cut), processes=2)
     try:
         for line in procs[0].stdout:
             m = PROGRESS.match(line)

@@ -114,14 +114,17 @@ class ConversationDataset:
         """(T, n tiles) of sample i computed from the image headers and the text, without decoding
         pixels; the loader uses it to agree on batch shapes across hosts."""
         if i not in self._shapes:
-            rec = self.records[i]
-            grids = [self.encoder.image_processor.grid(*_image_size(ref, rec.source)) for ref in rec.images]
-            n_tiles = sum(self.encoder.tiles_per_image(g) for g in grids)
-            self._shapes[i] = (self.encoder.num_tokens(grids, rec.messages), n_tiles)
+            self._shapes[i] = record_shape(self.encoder, self.records[i])
         return self._shapes[i]
 
     def __repr__(self) -> str:
         return f"ConversationDataset({self.name!r}, {len(self)} samples, {self.n_skipped} skipped)"
+
+
+def record_shape(encoder: SampleEncoder, rec: Record) -> tuple[int, int]:
+    """(tokens, tiles) of `rec` encoded by `encoder`, from its text and image headers only."""
+    grids = [encoder.image_processor.grid(*_image_size(ref, rec.source)) for ref in rec.images]
+    return encoder.num_tokens(grids, rec.messages), sum(encoder.tiles_per_image(g) for g in grids)
 
 
 def _image_size(ref: Path | bytes, source: str) -> tuple[int, int]:

@@ -418,42 +418,48 @@ class DataLoader:
             yield from self
 
     def _prefetched(self, epoch: int, step: int) -> Iterator[tuple[int, int, dict]]:
-        q: queue.Queue = queue.Queue(maxsize=max(self.prefetch, 1))
-        stop = threading.Event()
-        done = object()
+        return prefetched(self._batches(epoch, step), self.prefetch, "DataLoader-prefetch")
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
 
-        def work():
+def prefetched(source: Iterator, depth: int, name: str) -> Iterator:
+    """`source`'s items, produced up to `depth` ahead in a background thread; an exception in
+    the thread is raised to the consumer. Closing the result stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
             try:
-                for item in self._batches(epoch, step):
-                    if not put(item):
-                        return
-                put(done)
-            except BaseException as e:  # handed to the consumer
-                put(e)
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        thread = threading.Thread(target=work, name="DataLoader-prefetch", daemon=True)
-        thread.start()
+    def work():
         try:
-            while True:
-                item = q.get()
-                if item is done:
+            for item in source:
+                if not put(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            if not sys.is_finalizing():  # an iterator left open until interpreter exit
-                thread.join()
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if not sys.is_finalizing():  # an iterator left open until interpreter exit
+            thread.join()
 
 
 # ---- worker processes ---------------------------------------------------------------------------

@@ -42,18 +42,15 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import queue
-import sys
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from .datasets import Record, _image_size
+from .datasets import Record, record_shape
 from .encoding import SampleError
-from .loader import pick_bucket, power_of_two_buckets
+from .loader import pick_bucket, power_of_two_buckets, prefetched
 from .packing import MODES, collate_packed, pack_greedy
 
 log = logging.getLogger(__name__)
@@ -137,9 +134,7 @@ class RecordCodec:
 
     def shape(self, rec: Record) -> tuple[int, int]:
         """(tokens, tiles) from the text and the image headers."""
-        grids = [self.encoder.image_processor.grid(*_image_size(ref, rec.source)) for ref in rec.images]
-        tiles = sum(self.encoder.tiles_per_image(g) for g in grids)
-        return self.encoder.num_tokens(grids, rec.messages), tiles
+        return record_shape(self.encoder, rec)
 
     def encode(self, rec: Record) -> dict:
         try:
@@ -373,43 +368,7 @@ class StreamLoader:
             source.close()
 
     def _prefetched(self) -> Iterator[tuple[dict, dict, dict]]:
-        q: queue.Queue = queue.Queue(maxsize=max(self.prefetch, 1))
-        stop = threading.Event()
-        done = object()
-        start = dict(self._position)
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work():
-            try:
-                for item in self._batches(start):
-                    if not put(item):
-                        return
-                put(done)
-            except BaseException as e:  # handed to the consumer
-                put(e)
-
-        thread = threading.Thread(target=work, name="StreamLoader-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            if not sys.is_finalizing():
-                thread.join()
+        return prefetched(self._batches(dict(self._position)), self.prefetch, "StreamLoader-prefetch")
 
     def close(self) -> None:
         """Stop the worker processes (a later batch starts them again)."""
