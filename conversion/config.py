@@ -55,6 +55,20 @@ DEFAULT_EXTRA_TOKENS: tuple[tuple[str, str], ...] = (
     ("global_image_token", "<|global_image|>"),
 ) + _grid_tokens()
 
+
+def smolvlm_extra_tokens(grid: int = 6) -> tuple[tuple[str, str], ...]:
+    """SmolVLM's (Idefics3's) image tokens as extra-token pairs. Their ids are the tokenizer's
+    (SmolVLM's tokenizer already holds them), so the config names the image token's id
+    (`vlm_image_token_id`) instead of deriving it."""
+    return (
+        ("image_token", "<image>"),
+        ("fake_image_token", "<fake_token_around_image>"),
+        ("global_image_token", "<global-img>"),
+    ) + _grid_tokens(grid)
+
+
+FAMILIES = ("nanovlm", "smolvlm")
+
 # Older releases (nanoVLM-230M) carried a single extra token.
 LEGACY_EXTRA_TOKENS: tuple[tuple[str, str], ...] = (("image_token", "<|image|>"),)
 
@@ -110,11 +124,27 @@ class VLMConfig:
     resize_to_max_side_len: bool = True
 
     vlm_extra_tokens: tuple[tuple[str, str], ...] = DEFAULT_EXTRA_TOKENS
+
+    # Model family (jaxvlm's fields; absent from upstream's configs and left out of to_dict at
+    # these defaults, so a nanoVLM config round-trips unchanged). "smolvlm": transformers'
+    # Idefics3 (SmolVLM) - its patch position ids, its prompt and image string, its image
+    # processor; the image token's id comes from `vlm_image_token_id`.
+    vlm_family: str = "nanovlm"
+    # Per-channel normalisation applied inside the model to images in [0, 1]: (x - mean) / std.
+    # None: none (nanoVLM feeds [0, 1] images to its ViT). SmolVLM: 0.5, 0.5.
+    vlm_image_mean: tuple[float, ...] | None = None
+    vlm_image_std: tuple[float, ...] | None = None
+    vlm_image_token_id: int | None = None  # None: lm_base_vocab_size + the image token's index
+    vlm_image_splitting: bool = True  # smolvlm: the Idefics3 processor's do_image_splitting
     vlm_load_backbone_weights: bool = True
     vlm_checkpoint_path: str = "checkpoints"
     hf_repo_name: str = "nanoVLM"
 
     def __post_init__(self):
+        for name in ("vlm_image_mean", "vlm_image_std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         extra = self.vlm_extra_tokens
         if isinstance(extra, Mapping):
             object.__setattr__(self, "vlm_extra_tokens", tuple((str(k), str(v)) for k, v in extra.items()))
@@ -155,7 +185,10 @@ class VLMConfig:
 
     @property
     def image_token_id(self) -> int:
-        """Id of `vlm_extra_tokens["image_token"]`: extra tokens follow the base vocabulary in order."""
+        """Id of `vlm_extra_tokens["image_token"]`: `vlm_image_token_id` when set, else the base
+        vocabulary size plus its index (nanoVLM's extra tokens follow the base vocabulary in order)."""
+        if self.vlm_image_token_id is not None:
+            return self.vlm_image_token_id
         names = [name for name, _ in self.vlm_extra_tokens]
         return self.lm_base_vocab_size + names.index("image_token")
 
@@ -202,6 +235,32 @@ class VLMConfig:
             self.lm_vocab_size >= self.lm_base_vocab_size + len(names),
             f"lm_vocab_size {self.lm_vocab_size} < lm_base_vocab_size {self.lm_base_vocab_size} + {len(names)} extra tokens",
         )
+        need(self.vlm_family in FAMILIES, f"vlm_family {self.vlm_family!r} is not one of {', '.join(FAMILIES)}")
+        for name in ("vlm_image_mean", "vlm_image_std"):
+            value = getattr(self, name)
+            need(
+                value is None
+                or (len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)),
+                f"{name} {value!r} must be null or 3 numbers (one per RGB channel)",
+            )
+        need(
+            (self.vlm_image_mean is None) == (self.vlm_image_std is None),
+            "vlm_image_mean and vlm_image_std go together (both null or both 3 numbers)",
+        )
+        if self.vlm_image_std is not None and len(self.vlm_image_std) == 3:
+            need(
+                all(isinstance(v, (int, float)) and v > 0 and v < float("inf") for v in self.vlm_image_std),
+                f"vlm_image_std {self.vlm_image_std!r} must be positive and finite",
+            )
+        if self.vlm_image_token_id is not None:
+            need(
+                0 <= self.vlm_image_token_id < self.lm_vocab_size,
+                f"vlm_image_token_id {self.vlm_image_token_id} is outside the vocabulary (lm_vocab_size {self.lm_vocab_size})",
+            )
+        need(
+            self.vlm_family == "nanovlm" or self.vlm_image_token_id is not None,
+            f"vlm_family {self.vlm_family!r} needs vlm_image_token_id (its tokenizer fixes the image token's id)",
+        )
         need(not self.vit_cls_flag, "vit_cls_flag=True is not supported (no released checkpoint uses it)")
         need(self.vit_dropout == 0.0 and self.lm_dropout == 0.0, "dropout is not supported (upstream trains with 0)")
         if problems:
@@ -214,6 +273,12 @@ class VLMConfig:
         d["vlm_extra_tokens"] = dict(self.vlm_extra_tokens)
         if d["lm_eos_token_id"] is None:  # upstream's current config has no such field
             del d["lm_eos_token_id"]
+        for f in dataclasses.fields(self):  # jaxvlm's own fields, only where they say something
+            if f.name in _JAXVLM_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        for name in ("vlm_image_mean", "vlm_image_std"):
+            if d.get(name) is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -330,6 +395,12 @@ class VLMConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
         return presets[name](**overrides)
 
+
+# Fields upstream's VLMConfig does not have: written only when not at their defaults, so a
+# nanoVLM config saved here loads in upstream (whose VLMConfig(**json) refuses unknown fields).
+_JAXVLM_FIELDS = frozenset(
+    {"vlm_family", "vlm_image_mean", "vlm_image_std", "vlm_image_token_id", "vlm_image_splitting"}
+)
 
 PRESETS = ("tiny", "nanovlm-222m", "nanovlm-460m")
 
