@@ -1,4 +1,4 @@
-"""`python -m conversion {to-jax,to-torch,check,init,from-hf}`: move weights between frameworks and prove
+"""`python -m conversion {to-jax,to-torch,check,init,from-hf,from-smolvlm,to-smolvlm}`: move weights between frameworks and prove
 they agree.
 
   to-jax SRC DST    nanoVLM directory (config.json + model.safetensors) -> orbax checkpoint of
@@ -12,6 +12,11 @@ they agree.
                     a nanoVLM directory from local Hugging Face backbones (SigLIP + SmolLM2 /
                     Llama): architecture from their config.json, VLM settings from the flags
                     (upstream's defaults), new rows and the projector N(0, 0.02) (--seed).
+  from-smolvlm SRC DST
+                    a transformers SmolVLM / Idefics3 directory -> a checkpoint directory that
+                    jaxvlm and torch_ref load (vlm_family "smolvlm"); tensors unchanged.
+  to-smolvlm SRC DST
+                    the reverse: a directory transformers' AutoModelForImageTextToText loads.
 
 Errors print one line naming the problem and exit 2 (`--debug` shows the traceback).
 """
@@ -169,6 +174,32 @@ def cmd_from_hf(args) -> int:
     return 0
 
 
+def cmd_from_smolvlm(args) -> int:
+    from conversion.smolvlm import from_smolvlm
+
+    dst = Path(args.dst)
+    _fresh_output_dir(dst, Path(args.src))
+    cfg = from_smolvlm(args.src, dst)
+    tok = "" if (dst / TOKENIZER_FILE).is_file() else " (no tokenizer)"
+    print(
+        f"wrote SmolVLM checkpoint {dst}{tok}: ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "
+        f"LM {cfg.lm_n_blocks} x {cfg.lm_hidden_dim}, vocabulary {cfg.lm_vocab_size}{'' if cfg.lm_tie_weights else ', untied head'}, "
+        f"{cfg.n_image_tokens} tokens per tile, images up to {cfg.max_img_size} px "
+        f"({'split into tiles' if cfg.vlm_image_splitting else 'one tile'})"
+    )
+    return 0
+
+
+def cmd_to_smolvlm(args) -> int:
+    from conversion.smolvlm import to_smolvlm
+
+    dst = Path(args.dst)
+    _fresh_output_dir(dst, Path(args.src))
+    cfg = to_smolvlm(args.src, dst)
+    print(f"wrote transformers SmolVLM (Idefics3) directory {dst} ({cfg.lm_n_blocks}-block decoder)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m conversion", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -217,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resize-to-max-side-len", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--max-length", type=int, help="lm_max_length (default 4096)")
     s.set_defaults(func=cmd_from_hf)
+    s = sub.add_parser("from-smolvlm", help="transformers SmolVLM / Idefics3 directory -> checkpoint directory")
+    s.add_argument("src"), s.add_argument("dst")
+    s.set_defaults(func=cmd_from_smolvlm)
+    s = sub.add_parser("to-smolvlm", help="SmolVLM-family checkpoint directory -> transformers Idefics3 directory")
+    s.add_argument("src"), s.add_argument("dst")
+    s.set_defaults(func=cmd_to_smolvlm)
     return p
 
 

@@ -232,7 +232,7 @@ class VLMConfig:
         need("image_token" in names, "vlm_extra_tokens has no 'image_token'")
         need(len(set(names)) == len(names), "vlm_extra_tokens has duplicate names")
         need(
-            self.lm_vocab_size >= self.lm_base_vocab_size + len(names),
+            self.vlm_family != "nanovlm" or self.lm_vocab_size >= self.lm_base_vocab_size + len(names),
             f"lm_vocab_size {self.lm_vocab_size} < lm_base_vocab_size {self.lm_base_vocab_size} + {len(names)} extra tokens",
         )
         need(self.vlm_family in FAMILIES, f"vlm_family {self.vlm_family!r} is not one of {', '.join(FAMILIES)}")

@@ -269,6 +269,12 @@ def _vision_config(directory: Path) -> tuple[dict, Path]:
             f"{path}: unsupported vision model_type {vmt!r}; expected a SigLIP vision tower "
             "(model_type 'siglip' or 'siglip_vision_model')"
         )
+    return vision_fields(vcfg, path), path
+
+
+def vision_fields(vcfg: dict, path: Path) -> dict:
+    """A SigLIP-style vision config (SigLIP's or Idefics3's vision_config) with transformers'
+    defaults filled in, checked for what nanoVLM's ViT can run."""
     used = {k: vcfg.get(k, v) for k, v in SIGLIP_VISION_DEFAULTS.items()}
     defaulted = sorted(k for k in SIGLIP_VISION_DEFAULTS if k not in vcfg)
     if defaulted:
@@ -294,7 +300,7 @@ def _vision_config(directory: Path) -> tuple[dict, Path]:
     ):
         if not isinstance(used[k], int) or isinstance(used[k], bool) or used[k] <= 0:
             raise CheckpointError(f"{path}: {k} must be a positive integer, got {used[k]!r}")
-    return used, path
+    return used
 
 
 def _vision_prefix(weights: _Weights) -> str:
@@ -384,7 +390,12 @@ def _rope_theta(c: dict, path: Path) -> float:
 
 def _language_config(directory: Path) -> tuple[dict, Path]:
     path = directory / CONFIG_FILE
-    c = _read_json(path, "Llama")
+    return language_fields(_read_json(path, "Llama"), path), path
+
+
+def language_fields(c: dict, path: Path) -> dict:
+    """A Llama config (a SmolLM2 directory's or Idefics3's text_config) with transformers'
+    defaults filled in, checked for what nanoVLM's decoder can run."""
     if c.get("model_type") != "llama":
         raise CheckpointError(
             f"{path}: unsupported language model_type {c.get('model_type')!r}; expected 'llama' (SmolLM2 / Llama)"
@@ -415,7 +426,7 @@ def _language_config(directory: Path) -> tuple[dict, Path]:
         problems.append(f"num_key_value_heads {kv} does not divide num_attention_heads {nh}")
     if problems:
         raise CheckpointError(f"{path}: not supported: " + "; ".join(problems))
-    return used, path
+    return used
 
 
 def _language_expected(c: dict) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,7 @@ I_v/I_l MLP widths, hd language head dim, kv language kv heads, s pixel-shuffle 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,3 +184,118 @@ def jax_to_torch(
     table = mapping(cfg)
     check_keys({e.jax_path: e.jax_shape for e in table}, flat, source=source)
     return {e.torch_key: np.ascontiguousarray(e.transform.to_torch(np.asarray(flat[e.jax_path]))) for e in table}
+
+
+# ---- transformers' Idefics3 (SmolVLM) names ------------------------------------------------
+# The same checkpoint keys under the names transformers' `Idefics3ForConditionalGeneration`
+# saves. One row per checkpoint key: the Idefics3 key(s) and how they combine. Used by
+# `conversion.smolvlm` in both directions.
+HF_SAME = "same"  # the one tensor as is
+HF_UNSQUEEZE = "unsqueeze0"  # Idefics3's [N, D] position Embedding <-> nanoVLM's [1, N, D] Parameter
+HF_CONCAT = "concat0"  # Idefics3's separate q, k, v <-> nanoVLM's fused qkv_proj (that order, axis 0)
+
+
+@dataclass(frozen=True)
+class HFEntry:
+    torch_key: str
+    hf_keys: tuple[str, ...]
+    op: str
+
+
+_IDEFICS3_VIT_BLOCK = (("ln1", "layer_norm1"), ("ln2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                       ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))  # fmt: skip
+_IDEFICS3_LM_BLOCK = (("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
+                      ("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
+                      ("attn.v_proj", "self_attn.v_proj"), ("attn.out_proj", "self_attn.o_proj"),
+                      ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
+                      ("mlp.down_proj", "mlp.down_proj"))  # fmt: skip
+
+
+def idefics3_mapping(cfg: VLMConfig) -> list[HFEntry]:
+    """Every checkpoint key of `cfg` with its Idefics3 key(s), in checkpoint order.
+
+    `decoder.rotary_embd.inv_freq` has no Idefics3 counterpart (transformers computes it from
+    rope_theta) and is not listed. Tied: the file's `decoder.head.weight` is Idefics3's
+    `model.text_model.embed_tokens.weight` (which transformers saves alone for a tied model);
+    untied: `decoder.token_embedding.weight` is the embedding and `decoder.head.weight` `lm_head.weight`.
+    """
+    v, t = "model.vision_model.", "model.text_model."
+    rows = {
+        "vision_encoder.patch_embedding.conv.weight": ((f"{v}embeddings.patch_embedding.weight",), HF_SAME),
+        "vision_encoder.patch_embedding.conv.bias": ((f"{v}embeddings.patch_embedding.bias",), HF_SAME),
+        "vision_encoder.patch_embedding.position_embedding": (
+            (f"{v}embeddings.position_embedding.weight",),
+            HF_UNSQUEEZE,
+        ),
+        "vision_encoder.layer_norm.weight": ((f"{v}post_layernorm.weight",), HF_SAME),
+        "vision_encoder.layer_norm.bias": ((f"{v}post_layernorm.bias",), HF_SAME),
+        "MP.proj.weight": (("model.connector.modality_projection.proj.weight",), HF_SAME),
+        "decoder.norm.weight": ((f"{t}norm.weight",), HF_SAME),
+        "decoder.token_embedding.weight": ((f"{t}embed_tokens.weight",), HF_SAME),
+        "decoder.head.weight": (((f"{t}embed_tokens.weight",) if cfg.lm_tie_weights else ("lm_head.weight",)), HF_SAME),
+    }
+    for i in range(cfg.vit_n_blocks):
+        ours, theirs = f"vision_encoder.blocks.{i}.", f"{v}encoder.layers.{i}."
+        for leaf in ("weight", "bias"):
+            for a, b in _IDEFICS3_VIT_BLOCK:
+                rows[f"{ours}{a}.{leaf}"] = ((f"{theirs}{b}.{leaf}",), HF_SAME)
+            rows[f"{ours}attn.qkv_proj.{leaf}"] = (
+                tuple(f"{theirs}self_attn.{p}.{leaf}" for p in ("q_proj", "k_proj", "v_proj")),
+                HF_CONCAT,
+            )
+    for i in range(cfg.lm_n_blocks):
+        for a, b in _IDEFICS3_LM_BLOCK:
+            rows[f"decoder.blocks.{i}.{a}.weight"] = ((f"{t}layers.{i}.{b}.weight",), HF_SAME)
+    out = []
+    for e in mapping(cfg):
+        if e.torch_key == "decoder.rotary_embd.inv_freq":
+            continue
+        hf_keys, op = rows[e.torch_key]
+        out.append(HFEntry(e.torch_key, hf_keys, op))
+    return out
+
+
+def hf_to_checkpoint(cfg: VLMConfig, hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Idefics3 tensors (keys as `idefics3_mapping` names them) -> checkpoint tensors, bit-exact
+    (no dtype change). The caller checks the key set and shapes first."""
+    out = {}
+    for e in idefics3_mapping(cfg):
+        parts = [hf[k] for k in e.hf_keys]
+        if e.op == HF_CONCAT:
+            out[e.torch_key] = np.concatenate(parts, axis=0)
+        elif e.op == HF_UNSQUEEZE:
+            out[e.torch_key] = parts[0][None]
+        else:
+            out[e.torch_key] = parts[0]
+    return out
+
+
+def checkpoint_to_hf(cfg: VLMConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checkpoint tensors -> Idefics3 tensors, the inverse of `hf_to_checkpoint`, bit-exact."""
+    out = {}
+    for e in idefics3_mapping(cfg):
+        x = np.asarray(tensors[e.torch_key])
+        if e.op == HF_CONCAT:
+            for k, part in zip(e.hf_keys, np.split(x, len(e.hf_keys), axis=0)):
+                out[k] = np.ascontiguousarray(part)
+        elif e.op == HF_UNSQUEEZE:
+            out[e.hf_keys[0]] = np.ascontiguousarray(x[0])
+        else:
+            out[e.hf_keys[0]] = np.ascontiguousarray(x)
+    return out
+
+
+def idefics3_shapes(cfg: VLMConfig) -> dict[str, tuple[int, ...]]:
+    """The Idefics3 file's key set and shapes for `cfg` (what transformers saves)."""
+    shapes = {}
+    for e, entry in zip(
+        idefics3_mapping(cfg), (x for x in mapping(cfg) if x.torch_key != "decoder.rotary_embd.inv_freq")
+    ):
+        shape = entry.torch_shape
+        if e.op == HF_CONCAT:
+            shape = (shape[0] // len(e.hf_keys),) + tuple(shape[1:])
+        elif e.op == HF_UNSQUEEZE:
+            shape = tuple(shape[1:])
+        for k in e.hf_keys:
+            shapes[k] = tuple(shape)
+    return shapes

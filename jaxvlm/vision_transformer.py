@@ -116,11 +116,19 @@ class ViT(nnx.Module):
         self.patch_embedding = ViTPatchEmbeddings(cfg, options, rngs=rngs)
         self.blocks = nnx.List([ViTBlock(cfg, options, rngs=rngs) for _ in range(cfg.vit_n_blocks)])
         self.layer_norm = layer_norm(cfg, options, rngs)
+        self.image_mean, self.image_std = cfg.vlm_image_mean, cfg.vlm_image_std  # static tuples or None
+
+    def normalise(self, images: jax.Array) -> jax.Array:
+        """The config's per-channel (x - mean) / std in float32 (identity when it names none)."""
+        if self.image_mean is None:
+            return images
+        mean, std = (jnp.asarray(v, jnp.float32).reshape(1, 3, 1, 1) for v in (self.image_mean, self.image_std))
+        return (images.astype(jnp.float32) - mean) / std
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D]."""
+        """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D] (normalised first, see `normalise`)."""
         with self.options.precision():
-            x = self.patch_embedding(jnp.asarray(images))
+            x = self.patch_embedding(self.normalise(jnp.asarray(images)))
             x = constrain(x, "batch", "length", None)
             call = self.options.rematerialise(_call_block)
             for block in self.blocks:

@@ -73,10 +73,21 @@ class ViT(nn.Module):
         self.patch_embedding = ViTPatchEmbeddings(cfg)
         self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.vit_n_blocks)])
         self.layer_norm = nn.LayerNorm(cfg.vit_hidden_dim, eps=cfg.vit_ln_eps)
+        self.image_mean, self.image_std = cfg.vlm_image_mean, cfg.vlm_image_std  # tuples or None
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """The config's per-channel (x - mean) / std in float32 (identity when it names none)."""
+        if self.image_mean is None:
+            return images
+        mean, std = (
+            torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+            for v in (self.image_mean, self.image_std)
+        )
+        return ((images.float() - mean) / std).to(images.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D]."""
-        x = self.patch_embedding(images)
+        """float[N_img, 3, S, S] in [0, 1] -> float[N_img, N, D] (normalised first, see `normalise`)."""
+        x = self.patch_embedding(self.normalise(images))
         for block in self.blocks:
             x = block(x)
         return self.layer_norm(x)
