@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from conversion.config import VLMConfig
+from conversion.hub import resolve
 from conversion.pretrained import TOKENIZER_FILE, WEIGHTS_FILE, read_checkpoint
 
 
@@ -57,20 +58,13 @@ def random_inputs(cfg: VLMConfig, batch_size: int, seq_len: int, seed: int):
 
 
 def prompt_inputs(cfg: VLMConfig, directory: Path, images: list[str], prompt: str, tokenizer: str | None):
-    from jaxvlm.image_processing import ImageProcessor
-    from jaxvlm.tokenizer import load_tokenizer
+    from jaxvlm.data import SampleEncoder
+    from jaxvlm.tokenizer import load_for_config
 
-    tok = load_tokenizer(tokenizer or directory / TOKENIZER_FILE, extra_tokens=cfg.extra_tokens)
-    proc = ImageProcessor.from_config(cfg)
-    tiles, grids = [], []
-    for path in images or []:
-        t, grid = proc(proc.load_image(path))
-        tiles.append(t)
-        grids.append(grid)
-    text = proc.image_string(grids, cfg.n_image_tokens, cfg.extra_tokens) + prompt if grids else prompt
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    ids = np.asarray([ids], np.int32)
-    pixel = np.concatenate(tiles) if tiles else None
+    tok = load_for_config(cfg, tokenizer or directory / TOKENIZER_FILE)
+    sample = SampleEncoder.from_config(cfg, tok).encode_prompt(images or [], prompt)
+    ids = sample["input_ids"][None]
+    pixel = sample["images"] if len(sample["images"]) else None
     return ids, pixel, np.ones_like(ids), f"prompt {prompt!r} with {len(images or [])} image(s), {ids.shape[1]} tokens"
 
 
@@ -83,6 +77,7 @@ def compare_frameworks(
     import jaxvlm
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    directory = resolve(directory, what="checkpoint")  # a directory or a Hub repo id
     cfg, tmodel, jmodel = load_both(directory)
     if prompt is not None:
         ids, images, mask, desc = prompt_inputs(cfg, directory, image, prompt, tokenizer)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from conversion.atomic import atomic_directory
 from conversion.config import PRESETS, VLMConfig
+from conversion.hub import resolve
 from conversion.pretrained import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, copy_tokenizer
 
 from .runner import exit_with, run
@@ -52,7 +53,7 @@ def _fresh_output_dir(dst: Path, *inputs: Path) -> None:
 def cmd_to_jax(args) -> int:
     from jaxvlm.pretrained import load_nanovlm, save_orbax
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = resolve(args.src, what="SRC"), Path(args.dst)  # a directory or a Hub repo id
     _fresh_output_dir(dst, src)
     model = load_nanovlm(src)
     with atomic_directory(dst) as tmp:
@@ -177,9 +178,9 @@ def cmd_from_hf(args) -> int:
 def cmd_from_smolvlm(args) -> int:
     from conversion.smolvlm import from_smolvlm
 
-    dst = Path(args.dst)
-    _fresh_output_dir(dst, Path(args.src))
-    cfg = from_smolvlm(args.src, dst)
+    src, dst = resolve(args.src, what="SRC"), Path(args.dst)  # a directory or a Hub repo id
+    _fresh_output_dir(dst, src)
+    cfg = from_smolvlm(src, dst)
     tok = "" if (dst / TOKENIZER_FILE).is_file() else " (no tokenizer)"
     print(
         f"wrote SmolVLM checkpoint {dst}{tok}: ViT {cfg.vit_n_blocks} x {cfg.vit_hidden_dim} at {cfg.vit_img_size} px, "

@@ -1,4 +1,4 @@
-"""`jaxvlm generate`: answer a prompt about images with a checkpoint directory, or a JSONL batch.
+"""`jaxvlm generate`: answer a prompt about images with a checkpoint (a directory or a Hub repo id), or a JSONL batch.
 
   jaxvlm generate --model DIR --image a.jpg [--image b.jpg] --prompt "What is this?"
   jaxvlm generate --model DIR --batch prompts.jsonl --out answers.jsonl
@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 from conversion.atomic import atomic_file, check_output_file
+from conversion.hub import resolve
 from conversion.validation import read_utf8
 
 
 def add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer a prompt about images (or a JSONL batch of them)")
-    g.add_argument("--model", required=True, help="nanoVLM checkpoint directory")
+    g.add_argument("--model", required=True, help="nanoVLM checkpoint directory or Hugging Face Hub repo id")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model directory's)")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     g.add_argument("--prompt", help="the user's question")
@@ -41,10 +42,10 @@ def add_generate_parser(sub) -> None:
 def _load(args):
     from jaxvlm.data import SampleEncoder
     from jaxvlm.pretrained import load_nanovlm
-    from jaxvlm.tokenizer import load_tokenizer
+    from jaxvlm.tokenizer import load_for_config
 
     model = load_nanovlm(args.model)
-    tokenizer = load_tokenizer(Path(args.tokenizer or args.model), extra_tokens=model.cfg.extra_tokens)
+    tokenizer = load_for_config(model.cfg, Path(args.tokenizer or args.model))
     return model, tokenizer, SampleEncoder.from_config(model.cfg, tokenizer)
 
 
@@ -120,6 +121,7 @@ def cmd_generate(args) -> int:
     configure()  # the persistent compilation cache, before anything compiles
     if (args.prompt is None) == (args.batch is None):
         raise ValueError("give either --prompt (with --image files) or --batch FILE")
+    args.model = str(resolve(args.model, what="--model"))  # a directory or a Hub repo id
     if args.out is not None:
         if args.batch is None:
             raise ValueError("--out goes with --batch")

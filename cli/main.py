@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cli.runner import exit_with, run
 from conversion.atomic import atomic_file, check_output_file
+from conversion.hub import resolve
 from conversion.pretrained import read_config
 from jaxvlm.host_memory import reexec_with_huge_pages
 
@@ -81,12 +82,13 @@ def cmd_eval(args) -> int:
     from jaxvlm.data import SampleEncoder
     from jaxvlm.evaluation import exact_match, mean_loss
     from jaxvlm.pretrained import load_nanovlm
-    from jaxvlm.tokenizer import load_tokenizer
+    from jaxvlm.tokenizer import load_for_config
     from jaxvlm.train_loop import RunConfig, build_dataset, build_loader
 
-    model = load_nanovlm(args.model)
-    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.model)
-    tokenizer = load_tokenizer(tok_path, extra_tokens=model.cfg.extra_tokens)
+    model_dir = resolve(args.model, what="--model")  # a directory or a Hub repo id
+    model = load_nanovlm(model_dir)
+    tok_path = Path(args.tokenizer) if args.tokenizer else model_dir
+    tokenizer = load_for_config(model.cfg, tok_path)
     encoder = SampleEncoder.from_config(model.cfg, tokenizer)
     run = RunConfig(
         data=args.data,
@@ -131,13 +133,14 @@ def cmd_eval(args) -> int:
 def cmd_synthetic(args) -> int:
     """Render one synthetic sample to a PNG and print its question and answer (for demos)."""
     from jaxvlm.data import SampleEncoder, SyntheticShapesDataset
-    from jaxvlm.image_processing import ImageProcessor
-    from jaxvlm.tokenizer import load_tokenizer
+    from jaxvlm.image_processing import processor_for
+    from jaxvlm.tokenizer import load_for_config
 
     out = check_output_file(args.out, overwrite=args.overwrite)
-    cfg = read_config(args.model)
-    tokenizer = load_tokenizer(Path(args.model), extra_tokens=cfg.extra_tokens)
-    encoder = SampleEncoder(tokenizer, ImageProcessor.from_config(cfg), cfg.n_image_tokens)
+    model_dir = resolve(args.model, what="--model")  # a directory or a Hub repo id
+    cfg = read_config(model_dir)
+    tokenizer = load_for_config(cfg, model_dir)
+    encoder = SampleEncoder(tokenizer, processor_for(cfg), cfg.n_image_tokens)
     ds = SyntheticShapesDataset(encoder, split=args.split, size=args.index + 1, seed=args.seed)
     with atomic_file(out, "wb") as f:
         ds.image(args.index).save(f, format="PNG")
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss and exact-match accuracy of greedy answers on a dataset split")
-    e.add_argument("--model", required=True, help="nanoVLM checkpoint directory (with tokenizer.json)")
+    e.add_argument("--model", required=True, help="nanoVLM checkpoint directory or Hub repo id (with tokenizer.json)")
     e.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model directory's)")
     e.add_argument("--data", default="synthetic")
     e.add_argument("--split", default="heldout", help="synthetic: train or heldout")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("synthetic", help="render one synthetic sample (PNG) and print its question and answer")
-    s.add_argument("--model", required=True, help="checkpoint directory (its config sets the picture size)")
+    s.add_argument("--model", required=True, help="checkpoint directory or Hub repo id (its config: picture size)")
     s.add_argument("--split", default="heldout")
     s.add_argument("--index", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)

@@ -141,7 +141,7 @@ def _tokenizer_info(src: Path, vocab: int, image_token_id: int, config: Path) ->
     tok = src / TOKENIZER_FILE
     if not tok.is_file():
         log.warning("%s has no %s: the checkpoint is written without a tokenizer", src, TOKENIZER_FILE)
-        return vocab, 6
+        return min(vocab, image_token_id), 6  # the ids below the image token's count as text
     import tokenizers
 
     try:

@@ -53,9 +53,15 @@ def _describe(src) -> str:
     return repr(src)
 
 
-def load_image(src: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    src: ImageLike,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] | None = None,
+) -> Image.Image:
     """A decoded RGB image (EXIF orientation applied) from a path, bytes or a PIL image.
 
+    `background`: see `to_rgb` (None: alpha dropped, as nanoVLM does).
     Raises FileNotFoundError for a missing path, and ValueError for an empty, corrupt or
     non-image file and for an image of more than `max_pixels` pixels (a decompression bomb;
     None disables this check, but PIL still refuses more than 2 x `Image.MAX_IMAGE_PIXELS`).
@@ -99,14 +105,22 @@ def load_image(src: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         raise ValueError(f"{name}: refusing to decode a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise ValueError(f"{name}: corrupt image data: {e}") from None
-    return to_rgb(im)
+    return to_rgb(im, background=background)
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB version of `im` (see the module docstring for the rules per mode)."""
+def to_rgb(im: Image.Image, *, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """RGB version of `im` (see the module docstring for the rules per mode).
+
+    `background`: None drops alpha (nanoVLM). A colour composites images with an alpha band
+    ("A" in their bands) or a transparency entry onto it, as transformers' `convert_to_rgb` does
+    with white (the SmolVLM / Idefics3 processor); other modes follow the rules above.
+    """
     mode = im.mode
     if mode == "RGB":
         return im
+    if background is not None and ("A" in im.getbands() or im.info.get("transparency") is not None):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float64)
         return Image.fromarray(np.round(a * (255.0 / 65535.0)).astype(np.uint8), "L").convert("RGB")
@@ -286,3 +300,14 @@ class ImageProcessor:
             f"ImageProcessor(img_size={self.img_size}, max_img_size={self.max_img_size}, "
             f"resize_to_max_side_len={self.resize_to_max_side_len}, splitting={self.splitting})"
         )
+
+
+def processor_for(cfg, **kwargs):
+    """The image processor of a model of config `cfg`: `ImageProcessor` (nanoVLM) or, for
+    `vlm_family == "smolvlm"`, `jaxvlm.smolvlm_processing.SmolVLMImageProcessor`. Both offer
+    `__call__`, `grid`, `num_tiles`, `max_tiles`, `load_image`, `img_size` and `image_string`."""
+    if cfg.vlm_family == "smolvlm":
+        from .smolvlm_processing import SmolVLMImageProcessor  # it imports this module
+
+        return SmolVLMImageProcessor.from_config(cfg, **kwargs)
+    return ImageProcessor.from_config(cfg, **kwargs)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from conversion import hub
+from conversion import model_card as cards
 from conversion.config import VLMConfig
 from conversion.mapping import check_keys, jax_to_torch, torch_to_jax
 from conversion.pretrained import CONFIG_FILE, check_values, read_checkpoint, read_config, write_checkpoint
@@ -69,12 +71,20 @@ def _materialise(model: nnx.Module) -> None:
 
 
 def load_nanovlm(directory, *, options: ModelOptions = ModelOptions(), strict_config: bool = True):
+    """A nanoVLM directory, or a Hugging Face Hub repo id ("owner/name", `conversion.hub.resolve`)."""
+    directory = hub.resolve(directory)
     cfg, tensors = read_checkpoint(directory, strict_config=strict_config)
     return model_from_torch_tensors(cfg, tensors, options=options, source=str(directory))
 
 
-def save_nanovlm(model, directory) -> None:
-    write_checkpoint(directory, model.cfg, jax_to_torch(model.cfg, flat_state(model)))
+def save_nanovlm(model, directory, *, model_card: bool = False, repo_id: str | None = None) -> None:
+    """config.json + model.safetensors (+ README.md, `conversion.model_card`, never over a user's)."""
+    tensors = jax_to_torch(model.cfg, flat_state(model))
+    if model_card:
+        cards.check_writable(directory)  # before anything is written
+    write_checkpoint(directory, model.cfg, tensors)
+    if model_card:
+        cards.write(directory, model.cfg, sum(t.size for t in tensors.values()), repo_id=repo_id)
 
 
 # ---- orbax (the native jaxvlm format: config.json + an orbax tree of the NNX state) --------

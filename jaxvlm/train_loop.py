@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion import atomic
+from conversion import atomic, hub
 from conversion.config import PRESETS, VLMConfig
 from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
 from conversion.recipe import IGNORE_INDEX, OptimConfig
@@ -68,7 +68,7 @@ class RunConfig:
     output_dir: str = "runs/demo"
     preset: str = "tiny"  # model shape when not initialising from a checkpoint
     model: dict | None = None  # VLMConfig field overrides on the preset, e.g. {"vit_img_size": 64, ...}
-    init_from: str | None = None  # a nanoVLM checkpoint directory to start from
+    init_from: str | None = None  # a nanoVLM checkpoint directory (or Hub repo id) to start from
     init_from_hf_vision: str | None = None  # or local Hugging Face backbones (conversion.hf): a SigLIP directory
     init_from_hf_language: str | None = None  # ... and a SmolLM2 / Llama directory (its tokenizer.json is the default)
     init_from_hf_settings: str | None = None  # VLM settings for them (conversion.hf.VLM_SETTINGS): JSON object or file
@@ -225,7 +225,7 @@ def build_model(run: RunConfig):
     if run.init_from_hf_vision or run.init_from_hf_language:
         return _model_from_hf(run, options)
     if run.init_from:
-        return load_nanovlm(run.init_from, options=options)
+        return load_nanovlm(init_directory(run), options=options)
     cfg = VLMConfig.preset(run.preset, **(run.model or {}))
     return VisionLanguageModel(cfg, options=options, rngs=nnx.Rngs(run.seed))
 
@@ -256,11 +256,17 @@ def _model_from_hf(run: RunConfig, options: ModelOptions):
     )
 
 
+def init_directory(run: RunConfig) -> Path:
+    """The directory of `--init-from`: as given, or a Hub repo id's cached snapshot (`conversion.hub`)."""
+    return hub.resolve(run.init_from, what="--init-from")
+
+
 def tokenizer_path(run: RunConfig) -> Path:
     if run.tokenizer:
         return Path(run.tokenizer)
-    if run.init_from and (Path(run.init_from) / TOKENIZER_FILE).is_file():
-        return Path(run.init_from) / TOKENIZER_FILE
+    init = init_directory(run) if run.init_from else None
+    if init is not None and (init / TOKENIZER_FILE).is_file():
+        return init / TOKENIZER_FILE
     if run.init_from_hf_language and (Path(run.init_from_hf_language) / TOKENIZER_FILE).is_file():
         return Path(run.init_from_hf_language) / TOKENIZER_FILE
     raise ValueError("no tokenizer: pass --tokenizer (a tokenizer.json or its directory)")
@@ -591,7 +597,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     from .data import SampleEncoder, SampleError
     from .pretrained import save_nanovlm
     from .sharding import make_mesh
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_for_config
     from .train import Trainer
     from .train_checkpoints import TrainCheckpoints
 
@@ -609,7 +615,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     model = build_model(run)
     cfg = model.cfg
     tok_path = tokenizer_path(run)
-    tokenizer = load_tokenizer(tok_path, extra_tokens=cfg.extra_tokens)
+    tokenizer = load_for_config(cfg, tok_path)
     encoder = SampleEncoder.from_config(cfg, tokenizer)
     train_data = None if is_streamed(run.data) else build_dataset(run, cfg, encoder)
     validation = None

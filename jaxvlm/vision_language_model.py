@@ -139,16 +139,32 @@ class VisionLanguageModel(nnx.Module):
     def from_pretrained(
         cls, directory: str | Path, *, options: ModelOptions = ModelOptions(), strict_config: bool = True
     ):
-        """Load a nanoVLM checkpoint directory (config.json + model.safetensors) through `conversion`."""
+        """Load a nanoVLM checkpoint directory (config.json + model.safetensors) through `conversion`,
+        or a Hugging Face Hub repo id ("owner/name", from the local cache when HF_HUB_OFFLINE=1)."""
         from .pretrained import load_nanovlm
 
         return load_nanovlm(directory, options=options, strict_config=strict_config)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the nanoVLM directory format that upstream and torch_ref load."""
+    def save_pretrained(self, directory: str | Path, *, model_card: bool = False, repo_id: str | None = None) -> None:
+        """Write the nanoVLM directory format that upstream and torch_ref load; `model_card`: and a
+        README.md (`conversion.model_card`; never over a README.md it did not write)."""
         from .pretrained import save_nanovlm
 
-        save_nanovlm(self, directory)
+        save_nanovlm(self, directory, model_card=model_card, repo_id=repo_id)
+
+    def push_to_hub(
+        self, repo_id: str, *, tokenizer=None, private: bool = False, token=None, commit_message: str | None = None
+    ) -> str:
+        """save_pretrained(model_card=True) + the `tokenizer` files (a tokenizer.json or its
+        directory), uploaded to the Hub repo `repo_id` (`conversion.hub.push_to_hub`). Returns the commit's URL."""
+        from conversion.hub import push_to_hub
+
+        def save(d):
+            return self.save_pretrained(d, model_card=True, repo_id=repo_id)
+
+        return push_to_hub(
+            save, repo_id, tokenizer=tokenizer, private=private, token=token, commit_message=commit_message
+        )
 
 
 @nnx.jit

@@ -339,3 +339,22 @@ def test_cli_from_smolvlm_and_errors(smolvlm, tmp_path):
     code, _, err = run_cli("-m", "conversion", "from-smolvlm", str(broken), str(tmp_path / "out2"))
     err = [line for line in err if not line.startswith("WARNING")]  # "... has no tokenizer.json"
     assert code == 2 and len(err) == 1 and "post_layernorm.bias" in err[0] and not (tmp_path / "out2").exists(), err
+
+
+@pytest.mark.parametrize("image_size,patch", [(IMG, PATCH), (512, 16), (384, 14), (128, 8)])
+def test_idefics3_patch_positions_are_the_identity(image_size, patch):
+    """nanoVLM's ViT adds position row p to patch p. Idefics3 looks position ids up with
+    `torch.bucketize` on float32 fractions; for a full tile that must be the identity, as it is
+    here (this test's 8x8), for SmolVLM-256M/500M (512 px / 16 = 32x32), SmolVLM-2B (384 / 14)
+    and powers of two. (On some other grid sides, e.g. 19x19, it is not: see the README.)"""
+    from transformers import Idefics3VisionConfig
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionEmbeddings
+
+    emb = Idefics3VisionEmbeddings(Idefics3VisionConfig(hidden_size=8, image_size=image_size, patch_size=patch))
+    randomize_hf_(emb, 0)
+    n = image_size // patch
+    pixels = torch.randn(1, 3, image_size, image_size)
+    with torch.no_grad():
+        got = emb(pixels, torch.ones(1, n, n, dtype=torch.bool))
+        want = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + emb.position_embedding.weight[None]
+    assert torch.equal(got, want)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conversion import hub
+from conversion import model_card as cards
 from conversion.config import VLMConfig
 from conversion.mapping import check_keys, expected_shapes
 from conversion.pretrained import CONFIG_FILE, WEIGHTS_FILE, read_config
@@ -122,27 +124,46 @@ class VisionLanguageModel(nn.Module):
             state.pop("decoder.token_embedding.weight")
         return {k: v.detach().contiguous() for k, v in state.items()}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` + `model.safetensors` exactly as upstream's save_pretrained does."""
+    def save_pretrained(self, directory: str | Path, *, model_card: bool = False, repo_id: str | None = None) -> None:
+        """Write `config.json` + `model.safetensors` exactly as upstream's save_pretrained does;
+        `model_card`: and a README.md (`conversion.model_card`; never over a README.md it did not write)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         state = {k: v.cpu() for k, v in self.checkpoint_state().items()}
         check_keys(expected_shapes(self.cfg), state, source="model state", shape_of=lambda t: tuple(t.shape))
+        if model_card:
+            cards.check_writable(directory)  # before anything is written
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{WEIGHTS_FILE}.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_FILE)
         self.cfg.to_json(directory / CONFIG_FILE)
+        if model_card:
+            cards.write(directory, self.cfg, sum(t.numel() for t in state.values()), repo_id=repo_id)
+
+    def push_to_hub(
+        self, repo_id: str, *, tokenizer=None, private: bool = False, token=None, commit_message: str | None = None
+    ) -> str:
+        """save_pretrained(model_card=True) + the `tokenizer` files (a tokenizer.json or its
+        directory), uploaded to the Hub repo `repo_id` (`conversion.hub.push_to_hub`). Returns the commit's URL."""
+
+        def save(d):
+            return self.save_pretrained(d, model_card=True, repo_id=repo_id)
+
+        return hub.push_to_hub(
+            save, repo_id, tokenizer=tokenizer, private=private, token=token, commit_message=commit_message
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, strict_config: bool = True):
-        """Load a nanoVLM checkpoint directory. Any missing, unexpected or mis-shaped key, a corrupt
-        file or a config that does not match the weights raises CheckpointError naming it."""
+        """Load a nanoVLM checkpoint directory, or a Hugging Face Hub repo id ("owner/name",
+        `conversion.hub.resolve`). Any missing, unexpected or mis-shaped key, a corrupt file or a
+        config that does not match the weights raises CheckpointError naming it."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = hub.resolve(directory)
         cfg = read_config(directory, strict=strict_config)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():

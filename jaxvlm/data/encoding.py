@@ -16,6 +16,13 @@ A sample is built as upstream's `VQADataset._process_data` builds it:
 6. labels[t] = input_ids[t + 1] where mask[t + 1], else -100; labels[T - 1] = -100;
    attention_mask is all ones (padding is the loader's business).
 
+SmolVLM models (`vlm_family == "smolvlm"`, docs in `jaxvlm.smolvlm_processing`) differ in
+steps 1, 3-5: the `SmolVLMImageProcessor` (global view last), the first user message gets one
+image part per image (each carrying `smolvlm_image_string` of its grid, which the SmolVLM
+template renders in place of `<image>`, as `Idefics3Processor` does), the text is SmolVLM-Instruct's
+chat format, and the mask covers each answer after `Assistant:` through its `<end_of_utterance>`.
+The tokenizer's `family` chooses; `SampleEncoder.from_config` picks the processor (`processor_for`).
+
 Imports neither jax nor torch.
 """
 
@@ -28,7 +35,7 @@ import numpy as np
 
 from conversion.recipe import IGNORE_INDEX
 
-from ..image_processing import ImageLike, ImageProcessor, image_string
+from ..image_processing import ImageLike, ImageProcessor, processor_for
 from ..tokenizer import Tokenizer, check_fits
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ class SampleEncoder:
 
     Args:
       tokenizer: a `jaxvlm.tokenizer.Tokenizer` carrying the extra tokens.
-      image_processor: an `ImageProcessor`.
+      image_processor: an `ImageProcessor` (a `SmolVLMImageProcessor` for a SmolVLM tokenizer).
       n_image_tokens: L, tokens per tile (`VLMConfig.n_image_tokens` / `mp_image_token_length`).
     """
 
@@ -66,7 +73,7 @@ class SampleEncoder:
     def from_config(cls, cfg, tokenizer: Tokenizer, **processor_kwargs) -> SampleEncoder:
         """The encoder for a model of config `cfg`; the tokenizer must fit it (`tokenizer.check_fits`)."""
         check_fits(cfg, tokenizer)
-        return cls(tokenizer, ImageProcessor.from_config(cfg, **processor_kwargs), cfg.n_image_tokens)
+        return cls(tokenizer, processor_for(cfg, **processor_kwargs), cfg.n_image_tokens)
 
     @property
     def image_size(self) -> int:
@@ -101,7 +108,8 @@ class SampleEncoder:
     # ---- text ----------------------------------------------------------------------------
     def build_messages(self, grids: Sequence[tuple[int, int]], messages: Sequence[Mapping[str, str]]) -> list[dict]:
         """Messages with stray image tokens removed and the image string prepended to the
-        first user message (or the first message when there is no user message)."""
+        first user message (or the first message when there is no user message). SmolVLM: that
+        message's content becomes [image parts..., text part]."""
         msgs = []
         image_token = self.tokenizer.image_token
         for k, m in enumerate(messages):
@@ -119,9 +127,14 @@ class SampleEncoder:
             raise SampleError("a sample needs at least one message")
         if grids:
             first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), 0)
-            msgs[first]["content"] = (
-                image_string(grids, self.n_image_tokens, self.tokenizer.extra_tokens) + msgs[first]["content"]
-            )
+            extra, L = self.tokenizer.extra_tokens, self.n_image_tokens
+            if self.tokenizer.family == "smolvlm":
+                images = [
+                    {"type": "image", "image_string": self.image_processor.image_string([g], L, extra)} for g in grids
+                ]
+                msgs[first]["content"] = [*images, {"type": "text", "text": msgs[first]["content"]}]
+            else:
+                msgs[first]["content"] = self.image_processor.image_string(grids, L, extra) + msgs[first]["content"]
         return msgs
 
     def encode_text(
@@ -129,18 +142,11 @@ class SampleEncoder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids int32[T], labels int32[T]) for a conversation whose images have `grids`."""
         msgs = self.build_messages(grids, messages)
-        tok = self.tokenizer
-        input_ids = np.asarray(tok.apply_chat_template(msgs), np.int32)
-        mask = np.zeros(len(input_ids), bool)
-        prefix_len = len(tok.assistant_prefix_ids)
-        cursor = 0
-        for m in msgs:
-            seg_len = len(tok.apply_chat_template([m]))
-            if m["role"] == "assistant":
-                mask[cursor + prefix_len : cursor + seg_len] = True
-            cursor += seg_len
-        if cursor != len(input_ids):  # upstream would silently misalign the mask
-            raise SampleError(f"the conversation tokenizes to {len(input_ids)} ids but its messages to {cursor}")
+        try:
+            ids, mask = self.tokenizer.encode_conversation(msgs)
+        except ValueError as e:
+            raise SampleError(str(e)) from None
+        input_ids = np.asarray(ids, np.int32)
         return input_ids, shift_labels(input_ids, mask)
 
     def num_tokens(self, grids: Sequence[tuple[int, int]], messages: Sequence[Mapping[str, str]]) -> int:
@@ -164,7 +170,7 @@ class SampleEncoder:
         }
 
     def encode_prompt(self, images: Sequence[ImageLike], messages: Sequence[Mapping[str, str]] | str) -> dict:
-        """A generation prompt (ChatML + `<|im_start|>assistant\\n`): input_ids int32[T],
+        """A generation prompt (ChatML + `<|im_start|>assistant\\n`, SmolVLM: + `Assistant:`): input_ids int32[T],
         attention_mask int32[T], images float32[n, 3, S, S], grids. A str is one user message."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
