@@ -93,13 +93,22 @@ def _longest_edge(d: Any, what: str, path: Path) -> int:
     return _positive_int(d["longest_edge"], f"{what}.longest_edge", path)
 
 
-def _processor_settings(src: Path, tile: int, vision_path: Path) -> dict[str, Any]:
+def _processor_settings(src: Path, tile: int, image_tokens: int, vision_path: Path) -> dict[str, Any]:
     """VLMConfig fields from the Idefics3 processor files (or their defaults, with a warning)."""
-    path = src / PREPROCESSOR_FILE
-    if path.is_file():
+    path, processor = src / PREPROCESSOR_FILE, src / PROCESSOR_FILE
+    outer = _read_json(processor, "Idefics3 processor") if processor.is_file() else {}
+    if path.is_file():  # transformers 4 (the SmolVLM Hub repos): its own file
         p = _read_json(path, "Idefics3 processor")
+    elif isinstance(outer.get("image_processor"), dict):  # transformers 5 nests it in processor_config.json
+        p, path = outer["image_processor"], processor
     else:
-        log.warning("%s has no %s: using Idefics3's processor defaults with %d px tiles", src, PREPROCESSOR_FILE, tile)
+        log.warning(
+            "%s has neither %s nor an image_processor in %s: using Idefics3's processor defaults with %d px tiles",
+            src,
+            PREPROCESSOR_FILE,
+            PROCESSOR_FILE,
+            tile,
+        )
         p = {"max_image_size": {"longest_edge": tile}, "size": {"longest_edge": 4 * tile}}
     p = {**IMAGE_PROCESSOR_DEFAULTS, **p}
     problems = []
@@ -128,6 +137,12 @@ def _processor_settings(src: Path, tile: int, vision_path: Path) -> dict[str, An
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
             raise CheckpointError(f"{path}: {k} must be 3 numbers, got {p[k]!r}")
         p[k] = [float(x) for x in v]
+    seq_len = outer.get("image_seq_len")
+    if seq_len is not None and seq_len != image_tokens:
+        raise CheckpointError(
+            f"{processor}: image_seq_len {seq_len} is not the {image_tokens} tokens per tile that the vision tower "
+            f"and scale_factor give ({vision_path})"
+        )
     return {
         "max_img_size": longest,
         "vlm_image_splitting": p["do_image_splitting"],
@@ -223,7 +238,7 @@ def read_smolvlm(src: str | Path) -> tuple[VLMConfig, dict[str, np.ndarray]]:
             vlm_family="smolvlm",
             vlm_image_token_id=image_token_id,
             hf_repo_name=src.name,
-            **_processor_settings(src, v["image_size"], path),
+            **_processor_settings(src, v["image_size"], ((v["image_size"] // v["patch_size"]) // s) ** 2, path),
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
