@@ -41,8 +41,14 @@ def read_config(directory: str | Path, *, strict: bool = True) -> VLMConfig:
 
 
 def read_checkpoint(directory: str | Path, *, strict_config: bool = True) -> tuple[VLMConfig, dict[str, np.ndarray]]:
-    """Load (config, {checkpoint key: array in torch layout}); every key and shape is checked."""
+    """Load (config, {checkpoint key: array in torch layout}); every key and shape is checked.
+    A transformers SmolVLM (Idefics3) directory is read through `conversion.smolvlm` (in memory,
+    as `from-smolvlm` would write it)."""
     directory = Path(directory)
+    from .smolvlm import is_smolvlm_directory, read_smolvlm  # imports this module
+
+    if is_smolvlm_directory(directory):
+        return read_smolvlm(directory)
     cfg = read_config(directory, strict=strict_config)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

@@ -155,7 +155,7 @@ def _tokenizer_info(src: Path, vocab: int, image_token_id: int, config: Path) ->
     """(base vocabulary, grid side of the <row_r_col_c> tokens) from tokenizer.json, checked."""
     tok = src / TOKENIZER_FILE
     if not tok.is_file():
-        log.warning("%s has no %s: the checkpoint is written without a tokenizer", src, TOKENIZER_FILE)
+        log.warning("%s has no %s: the token ids are not checked against SmolVLM's tokenizer", src, TOKENIZER_FILE)
         return min(vocab, image_token_id), 6  # the ids below the image token's count as text
     import tokenizers
 
@@ -176,6 +176,15 @@ def _tokenizer_info(src: Path, vocab: int, image_token_id: int, config: Path) ->
     while t.token_to_id(f"<row_{grid + 1}_col_{grid + 1}>") is not None:
         grid += 1
     return min(t.get_vocab_size(with_added_tokens=False), vocab), max(grid, 1)
+
+
+def is_smolvlm_directory(directory: str | Path) -> bool:
+    """Whether `directory` holds a transformers SmolVLM / Idefics3 config.json (not a nanoVLM one)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text()).get("model_type") == "idefics3"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_smolvlm(src: str | Path) -> tuple[VLMConfig, dict[str, np.ndarray]]:

@@ -189,6 +189,11 @@ def test_logits_equal_transformers(name, smolvlm, tmp_path):
     assert (cfg.vit_ln_eps, cfg.lm_rms_eps, cfg.lm_re_base, cfg.vlm_image_mean) == (1e-3, 1e-4, 5000, (0.5,) * 3)
     tmodel = torch_ref.VisionLanguageModel.from_pretrained(tmp_path / "ckpt").eval()
     jmodel = jaxvlm.VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    direct = torch_ref.VisionLanguageModel.from_pretrained(src)  # the SmolVLM directory itself, converted in memory
+    assert direct.cfg == cfg and all(
+        torch.equal(a, b) for a, b in zip(direct.state_dict().values(), tmodel.state_dict().values())
+    )
+    assert jaxvlm.VisionLanguageModel.from_pretrained(src).cfg == cfg
     ids, mask, pixels, per_row = batch(0)
     with torch.no_grad():
         want = hf(**hf_inputs(ids, mask, pixels, per_row)).logits
@@ -415,7 +420,7 @@ def smolvlm_with_processor(root: Path, seed: int):
 @pytest.mark.slow
 def test_generate_train_and_export_a_smolvlm_directory(tmp_path):
     """The user's path: from-smolvlm, `jaxvlm generate` (its answer is transformers' greedy answer
-    to the processor's prompt), `jaxvlm train --init-from` on COCO for 3 steps, to-smolvlm of the
+    to the processor's prompt), `jaxvlm train --init-from` the SmolVLM directory itself on COCO for 3 steps, to-smolvlm of the
     run's model/, and transformers' logits for the fine-tuned model equal to jaxvlm's."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -428,11 +433,15 @@ def test_generate_train_and_export_a_smolvlm_directory(tmp_path):
     assert (ckpt.vit_img_size, ckpt.max_img_size, ckpt.n_image_tokens) == (32, 64, 4)
     image = sorted((COCO / "images").iterdir())[0]
     question = "What is in the picture?"
-    code, out, err = run_cli(
-        "-m", "jaxvlm", "generate", "--model", str(tmp_path / "ckpt"), "--image", str(image),
-        "--prompt", question, "--greedy", "--max-new-tokens", "12",
-    )  # fmt: skip
-    assert code == 0, err
+    answers = []
+    for model_dir in (tmp_path / "ckpt", tmp_path / "hf"):  # converted, and the SmolVLM directory itself
+        code, out, err = run_cli(
+            "-m", "jaxvlm", "generate", "--model", str(model_dir), "--image", str(image),
+            "--prompt", question, "--greedy", "--max-new-tokens", "12",
+        )  # fmt: skip
+        assert code == 0, err
+        answers.append(out)
+    assert answers[0] == answers[1]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=text, images=[[Image.open(image).convert("RGB")]], return_tensors="pt")
@@ -444,7 +453,7 @@ def test_generate_train_and_export_a_smolvlm_directory(tmp_path):
     assert len(set(new.tolist())) > 2, "a degenerate answer would not show a wrong prompt"
 
     code, _, err = run_cli(
-        "-m", "jaxvlm", "train", "--init-from", str(tmp_path / "ckpt"), "--data", f"coco:{COCO}",
+        "-m", "jaxvlm", "train", "--init-from", str(tmp_path / "hf"), "--data", f"coco:{COCO}",
         "--steps", "3", "--batch-size", "2", "--output-dir", str(tmp_path / "run"), "--log-every", "1",
         "--no-tensorboard", timeout=600,
     )  # fmt: skip

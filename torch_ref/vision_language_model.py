@@ -21,7 +21,8 @@ from conversion.config import VLMConfig
 from conversion.mapping import check_keys, expected_shapes
 from conversion.pretrained import CONFIG_FILE, WEIGHTS_FILE, read_config
 from conversion.recipe import IGNORE_INDEX
-from conversion.safetensors_io import CheckpointError
+from conversion.safetensors_io import BF16, CheckpointError
+from conversion.smolvlm import is_smolvlm_directory, read_smolvlm
 
 from .language_model import LanguageModel, RMSNorm
 from .modality_projector import ModalityProjector
@@ -47,6 +48,16 @@ def _as_tensor(x, dtype=None, device=None):
     if x is None or isinstance(x, torch.Tensor):
         return x if x is None else x.to(device=device, dtype=dtype) if dtype or device else x
     return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+
+def _torch_tensor(value) -> torch.Tensor:
+    """A torch tensor of a numpy array, bfloat16 (ml_dtypes, which torch cannot read) included."""
+    if isinstance(value, torch.Tensor):
+        return value
+    value = np.asarray(value)
+    if value.dtype == BF16:
+        return torch.from_numpy(np.ascontiguousarray(value).view(np.uint16)).view(torch.bfloat16)
+    return torch.as_tensor(value)
 
 
 class VisionLanguageModel(nn.Module):
@@ -164,6 +175,9 @@ class VisionLanguageModel(nn.Module):
         from safetensors.torch import load_file
 
         directory = hub.resolve(directory)
+        if is_smolvlm_directory(directory):  # a transformers SmolVLM directory, converted in memory
+            cfg, tensors = read_smolvlm(directory)
+            return cls.from_state(cfg, tensors, dtype=dtype, source=str(directory))
         cfg = read_config(directory, strict=strict_config)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
@@ -178,8 +192,8 @@ class VisionLanguageModel(nn.Module):
     def from_state(cls, cfg: VLMConfig, state: dict, *, dtype: torch.dtype = torch.float32, source: str = "state"):
         """Build a model from checkpoint tensors (file keys; torch tensors or numpy arrays). Strict."""
         check_keys(expected_shapes(cfg), state, source=source, shape_of=lambda t: tuple(t.shape))
-        for key, value in state.items():  # the rules of conversion.pretrained.check_values, on torch tensors
-            t = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+        state = {k: _torch_tensor(v) for k, v in state.items()}
+        for key, t in state.items():  # the rules of conversion.pretrained.check_values, on torch tensors
             if not t.is_floating_point():
                 raise CheckpointError(
                     f"{source}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights are floating point"
