@@ -194,9 +194,9 @@ def cmd_from_smolvlm(args) -> int:
 def cmd_to_smolvlm(args) -> int:
     from conversion.smolvlm import to_smolvlm
 
-    dst = Path(args.dst)
-    _fresh_output_dir(dst, Path(args.src))
-    cfg = to_smolvlm(args.src, dst)
+    src, dst = resolve(args.src, what="SRC"), Path(args.dst)  # a directory or a Hub repo id
+    _fresh_output_dir(dst, src)
+    cfg = to_smolvlm(src, dst)
     print(f"wrote transformers SmolVLM (Idefics3) directory {dst} ({cfg.lm_n_blocks}-block decoder)")
     return 0
 
