@@ -51,16 +51,9 @@ END_OF_UTTERANCE = "<end_of_utterance>"
 IM_START = "<|im_start|>"
 ASSISTANT_PREFIX = "Assistant:"
 
-# SmolVLM-Instruct's chat template (the one of transformers' SmolVLM processor,
-# `DEFAULT_CHAT_TEMPLATE` in models/smolvlm/processing_smolvlm.py, without its video branch).
-# `render_smolvlm_chat` writes it out in Python; kept here as the reference the tests render.
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# SMOLVLM_CHAT_TEMPLATE (conversion.smolvlm, written with exported checkpoints) is SmolVLM-Instruct's
+# chat template (transformers' `DEFAULT_CHAT_TEMPLATE` in models/smolvlm/processing_smolvlm.py,
+# without its video branch); `render_smolvlm_chat` writes it out in Python, the tests render it.
 
 
 # ---- sizes (Idefics3's arithmetic, float for float) ---------------------------------------------

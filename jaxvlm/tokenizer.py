@@ -38,8 +38,9 @@ import tokenizers
 
 from conversion.config import CHATML_TEMPLATE, DEFAULT_EXTRA_TOKENS, smolvlm_extra_tokens
 from conversion.pretrained import SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from conversion.smolvlm import SMOLVLM_CHAT_TEMPLATE
 
-from .smolvlm_processing import END_OF_UTTERANCE, SMOLVLM_CHAT_TEMPLATE, render_smolvlm_chat
+from .smolvlm_processing import END_OF_UTTERANCE, render_smolvlm_chat
 
 log = logging.getLogger(__name__)
 

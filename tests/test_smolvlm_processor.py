@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 from conversion.config import VLMConfig, smolvlm_extra_tokens
+from conversion.smolvlm import SMOLVLM_CHAT_TEMPLATE
 from jaxvlm.data import SampleEncoder, llava_dataset
 from jaxvlm.image_processing import load_image, processor_for
 from jaxvlm.smolvlm_processing import (
     END_OF_UTTERANCE,
-    SMOLVLM_CHAT_TEMPLATE,
     SmolVLMImageProcessor,
     smolvlm_image_string,
 )
