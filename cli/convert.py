@@ -1,4 +1,4 @@
-"""`python -m conversion {to-jax,to-torch,check,init,from-hf,from-smolvlm,to-smolvlm}`: move weights between frameworks and prove
+"""`python -m conversion {to-jax,to-torch,check,init,from-hf,from-smolvlm,to-smolvlm,merge}`: move weights between frameworks and prove
 they agree.
 
   to-jax SRC DST    nanoVLM directory (config.json + model.safetensors) -> orbax checkpoint of
@@ -17,6 +17,9 @@ they agree.
                     jaxvlm and torch_ref load (vlm_family "smolvlm"); tensors unchanged.
   to-smolvlm SRC DST
                     the reverse: a directory transformers' AutoModelForImageTextToText loads.
+  merge CKPT ADAPTER OUT
+                    a nanoVLM checkpoint with a PEFT LoRA adapter folded in (W + alpha/r * B @ A
+                    in float32, cast to the checkpoint's dtype); numpy only, the same bytes each time.
 
 Errors print one line naming the problem and exit 2 (`--debug` shows the traceback).
 """
@@ -201,6 +204,23 @@ def cmd_to_smolvlm(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from conversion.lora import merge, read_adapter
+    from conversion.pretrained import read_checkpoint, write_checkpoint
+
+    ckpt, dst = resolve(args.ckpt, what="CKPT"), Path(args.out)  # a directory or a Hub repo id
+    _fresh_output_dir(dst, ckpt, Path(args.adapter))
+    cfg, tensors = read_checkpoint(ckpt)
+    spec, adapter = read_adapter(args.adapter, cfg)
+    with atomic_directory(dst) as tmp:
+        write_checkpoint(tmp, cfg, merge(spec, cfg, tensors, adapter))
+        copy_tokenizer(ckpt, tmp)
+    print(
+        f"wrote {dst}: {ckpt} with the rank-{spec.rank} adapter {args.adapter} merged ({len(spec.modules(cfg))} layers)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m conversion", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -255,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("to-smolvlm", help="SmolVLM-family checkpoint directory -> transformers Idefics3 directory")
     s.add_argument("src"), s.add_argument("dst")
     s.set_defaults(func=cmd_to_smolvlm)
+    s = sub.add_parser("merge", help="nanoVLM checkpoint + PEFT LoRA adapter directory -> merged checkpoint")
+    s.add_argument("ckpt"), s.add_argument("adapter"), s.add_argument("out")
+    s.set_defaults(func=cmd_merge)
     return p
 
 

@@ -76,9 +76,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task == "rescore":
+        return _print_benchmark_report(args, _rescore(args))
+    if args.model is None:
+        raise ValueError("jaxvlm eval needs --model DIR")
+    if args.predictions is not None and args.task == "default":
+        raise ValueError("--predictions goes with --task mmstar|mc|vqa|rescore")
     from jaxvlm.runtime import configure
 
     configure()  # the persistent compilation cache, before anything compiles
+    if args.task != "default":
+        return _cmd_benchmark(args)
     from jaxvlm.data import SampleEncoder
     from jaxvlm.evaluation import exact_match, mean_loss
     from jaxvlm.pretrained import load_nanovlm
@@ -130,6 +138,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _rescore(args) -> dict:
+    from jaxvlm.benchmarks import rescore
+
+    if args.predictions is None:
+        raise ValueError("--task rescore needs --predictions FILE")
+    return rescore(args.predictions)
+
+
+def _cmd_benchmark(args) -> int:
+    """`jaxvlm eval --task mmstar|mc|vqa --data FILE_OR_DIR` (jaxvlm.benchmarks)."""
+    from jaxvlm.benchmarks import load_benchmark, run_benchmark, write_predictions
+    from jaxvlm.data import SampleEncoder
+    from jaxvlm.pretrained import load_nanovlm
+    from jaxvlm.tokenizer import load_for_config
+
+    if args.data == "synthetic":
+        raise ValueError(f"--task {args.task} needs --data FILE_OR_DIR (.parquet, a directory of them, or .jsonl)")
+    out = None
+    if args.predictions is not None:
+        out = check_output_file(args.predictions, inputs=(args.data,), overwrite=args.overwrite, flag="--predictions")
+    items = load_benchmark(args.task, args.data, limit=args.limit)
+    model_dir = resolve(args.model, what="--model")  # a directory or a Hub repo id
+    model = load_nanovlm(model_dir)
+    tokenizer = load_for_config(model.cfg, Path(args.tokenizer) if args.tokenizer else model_dir)
+    encoder = SampleEncoder.from_config(model.cfg, tokenizer)
+    report, rows = run_benchmark(model, tokenizer, encoder, args.task, items, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens, source=args.data)  # fmt: skip
+    if out is not None:
+        write_predictions(out, rows)
+    return _print_benchmark_report(args, report)
+
+
+def _print_benchmark_report(args, report: dict) -> int:
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    how = " (mean over l2 categories, as lmms-eval)" if report["task"] == "mmstar" else ""
+    print(f"{report['task']}: overall {report['overall'] * 100:.2f}%{how} of {report['n']}")
+    for what in ("per_category", "per_l2_category"):
+        for name, score in report[what].items():
+            print(f"  {what[4:]} {name}: {score * 100:.2f}%")
+    return 0
+
+
 def cmd_synthetic(args) -> int:
     """Render one synthetic sample to a PNG and print its question and answer (for demos)."""
     from jaxvlm.data import SampleEncoder, SyntheticShapesDataset
@@ -158,10 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="loss and exact-match accuracy of greedy answers on a dataset split")
-    e.add_argument("--model", required=True, help="nanoVLM checkpoint directory or Hub repo id (with tokenizer.json)")
+    e = sub.add_parser("eval", help="loss and exact-match accuracy of greedy answers, or a benchmark (--task)")
+    e.add_argument("--model", help="nanoVLM checkpoint directory or Hub repo id (with tokenizer.json)")
     e.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model directory's)")
-    e.add_argument("--data", default="synthetic")
+    e.add_argument(
+        "--task",
+        default="default",
+        choices=("default", "mmstar", "mc", "vqa", "rescore"),
+        help="default: loss and exact match on --data; mmstar|mc|vqa: a benchmark file (jaxvlm.benchmarks); "
+        "rescore: the report of a --predictions file",
+    )
+    e.add_argument("--predictions", help="mmstar|mc|vqa: write every answer, scored, to this JSONL; rescore: read it")
+    e.add_argument("--overwrite", action="store_true", help="let --predictions replace an existing file")
+    e.add_argument("--data", default="synthetic", help="a --data spec; mmstar|mc|vqa: .parquet, a directory, .jsonl")
     e.add_argument("--split", default="heldout", help="synthetic: train or heldout")
     e.add_argument("--synthetic-size", type=int, default=20000, help="as in training: sets the held-out size too")
     e.add_argument("--image-size", type=int, default=None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .lora import LoraSpec
+
 # Labels equal to this take no part in the loss (torch's `cross_entropy` default, which upstream uses).
 IGNORE_INDEX = -100
 
@@ -31,8 +33,29 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
 
+    # LoRA (conversion.lora): only the adapters (group "lora", lr_lora) and the spec's modules to
+    # save (their own group's lr) train; every other weight is frozen. 1e-4: PEFT's examples' and
+    # the LoRA paper's order for fine-tuning, 2x upstream's backbone lr (a rank-r update needs more).
+    lora: LoraSpec | None = None
+    lr_lora: float = 1e-4
+
     def group_lrs(self) -> dict[str, float]:
-        return {"mp": self.lr_mp, "vision": self.lr_vision_backbone, "language": self.lr_language_backbone}
+        """{group: peak lr} of every group that may train (lr 0: frozen)."""
+        lrs = {"mp": self.lr_mp, "vision": self.lr_vision_backbone, "language": self.lr_language_backbone}
+        if self.lora is None:
+            return lrs
+        saved = {GROUPS[m.split(".")[0]] for m in self.lora.modules_to_save}
+        return {"lora": self.lr_lora, **{g: lr for g, lr in lrs.items() if g in saved}}
+
+    def param_group(self, key: str) -> str | None:
+        """The group of the parameter at dotted path `key` (`decoder.blocks.0.attn.q_proj.lora_A.weight`),
+        None when it is frozen: the one rule both frameworks' optimizers split parameters by."""
+        if self.lora is not None and (".lora_A." in key or ".lora_B." in key):
+            return "lora"
+        if self.lora is not None and not self.lora.saves(key):
+            return None
+        group = GROUPS[key.split(".")[0]]
+        return group if self.group_lrs().get(group, 0) > 0 else None
 
 
 def upstream_lr(step: int, max_lr: float, max_steps: int) -> float:

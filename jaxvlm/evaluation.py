@@ -1,4 +1,5 @@
-"""`jaxvlm eval`: loss and exact-match accuracy of greedy answers on a dataset split."""
+"""`jaxvlm eval`: loss and exact-match accuracy of greedy answers on a dataset split, and the
+batched greedy decoding that the benchmarks (`jaxvlm.benchmarks`) share."""
 
 from __future__ import annotations
 
@@ -40,24 +41,16 @@ def left_pad(prompts: list[dict], pad_id: int) -> tuple[np.ndarray, np.ndarray, 
     return ids, mask, np.concatenate(tiles) if tiles else None
 
 
-def exact_match(
-    model,
-    tokenizer,
-    dataset,
-    *,
-    batch_size: int = 32,
-    max_new_tokens: int = 16,
-    limit: int | None = None,
-    show: int = 0,
-) -> dict[str, Any]:
-    """Greedy answers for the dataset's prompts; the share equal to the expected answers."""
+def greedy_answers(
+    model, tokenizer, prompts: list[dict], *, batch_size: int = 32, max_new_tokens: int = 16
+) -> list[str]:
+    """The decoded greedy answer to each prompt (`SampleEncoder.encode_prompt` dicts), generated
+    batch_size prompts at a time, left-padded; EOS and special tokens dropped."""
     from .generate import generate
 
-    pairs = qa_pairs(dataset)[:limit]
-    correct, examples, t0 = 0, [], time.perf_counter()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        ids, mask, images = left_pad([p for p, _ in chunk], tokenizer.pad_token_id)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask, images = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
         out = np.asarray(
             generate(
                 model,
@@ -69,12 +62,35 @@ def exact_match(
                 eos_token_id=tokenizer.eos_token_id,
             )
         )
-        for row, (_, expected) in zip(out, chunk):
-            text = tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
-            ok = normalise(text) == normalise(expected)
-            correct += ok
-            if len(examples) < show:
-                examples.append({"expected": expected, "got": text, "ok": bool(ok)})
+        for row in out:
+            texts.append(
+                tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
+            )
+    return texts
+
+
+def exact_match(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+    show: int = 0,
+) -> dict[str, Any]:
+    """Greedy answers for the dataset's prompts; the share equal to the expected answers."""
+    pairs = qa_pairs(dataset)[:limit]
+    t0 = time.perf_counter()
+    texts = greedy_answers(
+        model, tokenizer, [p for p, _ in pairs], batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    correct, examples = 0, []
+    for text, (_, expected) in zip(texts, pairs):
+        ok = normalise(text) == normalise(expected)
+        correct += ok
+        if len(examples) < show:
+            examples.append({"expected": expected, "got": text, "ok": bool(ok)})
     return {
         "exact_match": correct / len(pairs),
         "n": len(pairs),

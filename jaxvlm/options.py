@@ -82,8 +82,21 @@ class ModelOptions:
         return select(self.kernels)
 
     def rematerialise(self, fn):
-        """`fn` under `nnx.remat` with the policy when remat is on, else `fn` itself."""
+        """`fn(module, *arrays)` under `jax.checkpoint` with the policy when remat is on, else `fn`.
+
+        The module goes in as its split state and comes back out of nothing: a block's call
+        writes no state, and `nnx.remat`'s write-back refuses a module whose frozen parameters
+        (a frozen group, LoRA's base weights) are constants of an outer trace."""
         if not self.remat:
             return fn
         policy = None if self.remat_policy is None else getattr(jax.checkpoint_policies, self.remat_policy)
-        return nnx.remat(fn, policy=policy)
+
+        def call(module, *args):
+            graphdef, state = nnx.split(module)
+
+            def pure(state, *args):
+                return fn(nnx.merge(graphdef, state), *args)
+
+            return jax.checkpoint(pure, policy=policy)(state, *args)
+
+        return call

@@ -22,9 +22,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from conversion.recipe import GROUPS, IGNORE_INDEX, OptimConfig
+from conversion.recipe import IGNORE_INDEX, OptimConfig
 
-from . import sharding
+from . import layers, sharding
 from .vision_language_model import VisionLanguageModel
 
 
@@ -38,14 +38,15 @@ def upstream_lr(step, max_lr: float, max_steps: int):
     return jnp.where(step < warmup, warm, jnp.where(step > max_steps, min_lr, cosine))
 
 
-def trained_groups(ocfg: OptimConfig) -> tuple[str, ...]:
-    lrs = ocfg.group_lrs()
-    return tuple(module for module, group in GROUPS.items() if lrs[group] > 0)
+def _key(path) -> str:
+    """An NNX path (of keys or strings) as the dotted name `OptimConfig.param_group` reads."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
 def trainable_filter(ocfg: OptimConfig):
-    groups = trained_groups(ocfg)
-    return lambda path, x: isinstance(x, nnx.Param) and path[0] in groups
+    """The parameters that train: by `OptimConfig.param_group` (frozen groups, and with LoRA all
+    but the adapters and the modules to save, take no gradient and keep no optimizer state)."""
+    return lambda path, x: isinstance(x, nnx.Param) and ocfg.param_group(_key(path)) is not None
 
 
 def make_optimizer(ocfg: OptimConfig) -> optax.GradientTransformation:
@@ -57,9 +58,9 @@ def make_optimizer(ocfg: OptimConfig) -> optax.GradientTransformation:
         return optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
 
     def labels(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: GROUPS[path[0].key], params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: ocfg.param_group(_key(path)), params)
 
-    groups = {GROUPS[m]: adamw(lrs[GROUPS[m]]) for m in trained_groups(ocfg)}
+    groups = {g: adamw(lr) for g, lr in lrs.items() if lr > 0}
     chain = [optax.multi_transform(groups, labels)]
     if ocfg.max_grad_norm is not None:
         chain.insert(0, optax.clip_by_global_norm(ocfg.max_grad_norm))
@@ -248,9 +249,10 @@ class Trainer:
         params, rest = sharding.gather((state.params, state.rest))
         return nnx.merge(self.graphdef, params, rest)
 
-    def _micro_grads(self, params, rest, micro):
+    def _micro_grads(self, params, rest, micro, dropout_key=None):
         def f(p):
-            return loss_fn(nnx.merge(self.graphdef, p, rest), micro)
+            with layers.dropout_key(dropout_key):  # LoRA dropout's masks (None: no dropout)
+                return loss_fn(nnx.merge(self.graphdef, p, rest), micro)
 
         return jax.value_and_grad(f)(params)
 
@@ -263,12 +265,16 @@ class Trainer:
     def _update(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         n_micro = batch["input_ids"].shape[0]
 
-        def accumulate(grads, micro):
-            loss, g = self._micro_grads(state.params, state.rest, micro)
+        def accumulate(grads, micro_and_index):
+            micro, i = micro_and_index
+            key = None  # LoRA dropout: masks a function of (step, micro-batch), so a resumed run repeats them
+            if self.ocfg.lora is not None and self.ocfg.lora.dropout > 0:
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.step), i)
+            loss, g = self._micro_grads(state.params, state.rest, micro, key)
             return self._like_params(jax.tree.map(lambda a, b: a + b / n_micro, grads, g)), loss
 
         zeros = self._like_params(jax.tree.map(jnp.zeros_like, state.params))
-        grads, losses = jax.lax.scan(accumulate, zeros, batch)
+        grads, losses = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(n_micro)))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

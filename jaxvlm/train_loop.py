@@ -24,6 +24,7 @@ from flax import nnx
 
 from conversion import atomic, hub
 from conversion.config import PRESETS, VLMConfig
+from conversion.lora import LoraSpec
 from conversion.pretrained import TOKENIZER_FILE, copy_tokenizer
 from conversion.recipe import IGNORE_INDEX, OptimConfig
 from conversion.validation import range_problems, read_json_object, type_problems
@@ -45,6 +46,7 @@ RUN_RANGES: dict[str, tuple[float | None, float | None]] = {
     "log_every": (1, None), "stop_after": (0, None), "loader_workers": (0, 256), "num_processes": (1, None), "process_id": (0, None),
     "mesh_data": (-1, None), "mesh_fsdp": (-1, None), "mesh_tensor": (-1, None),
     "eval_every": (1, None), "eval_holdout": (0, None), "eval_batches": (1, None), "eval_exact_match": (0, None),
+    "eval_task_limit": (1, None),
     "pack_buffer": (1, None), "stream_window": (1, None), "stream_chunk_rows": (1, None), "max_images_per_sample": (1, None), "max_images_per_pack": (1, None),
     "relevance_min_rating": (None, None), "image_correspondence_min_rating": (None, None),
     "visual_dependency_min_rating": (None, None), "formatting_min_rating": (None, None),
@@ -58,6 +60,7 @@ RUN_CHOICES = {
     "remat_policy": (None, *REMAT_POLICIES),
     "matmul_precision": MATMUL_PRECISIONS,
     "packing_mode": PACKING_MODES,
+    "eval_task": (None, "mmstar", "mc", "vqa"),
 }
 
 
@@ -72,6 +75,16 @@ class RunConfig:
     init_from_hf_vision: str | None = None  # or local Hugging Face backbones (conversion.hf): a SigLIP directory
     init_from_hf_language: str | None = None  # ... and a SmolLM2 / Llama directory (its tokenizer.json is the default)
     init_from_hf_settings: str | None = None  # VLM settings for them (conversion.hf.VLM_SETTINGS): JSON object or file
+    # LoRA (conversion.lora): adapters of rank lora_rank on lora_targets (comma-separated module-name
+    # suffixes; default: the decoder's attention and MLP projections), everything else frozen but
+    # lora_modules_to_save (e.g. MP, trained in full); writes adapter/ (PEFT's) and model/ merged.
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # scaling alpha / rank (default alpha = rank)
+    lora_dropout: float | None = None  # on the adapters' input (default 0)
+    lora_targets: str | None = None
+    lora_modules_to_save: str | None = None
+    lr_lora: float = 1e-4
+    init_adapter: str | None = None  # a PEFT LoRA adapter directory (e.g. a run's adapter/) to start from
     tokenizer: str | None = None  # tokenizer.json or its directory (default: the init checkpoint's)
     # synthetic | llava:PATH | coco:DIR | cauldron:PATH (.json/.jsonl: read whole) | cauldron:SHARDS (a
     # .parquet file, a directory or a glob of them: streamed, jaxvlm.data.streaming)
@@ -115,6 +128,9 @@ class RunConfig:
     eval_holdout: int = 0
     eval_batches: int = 8
     eval_exact_match: int = 0  # also greedy exact match on the first N eval samples (in-memory eval data)
+    eval_task: str | None = None  # also a benchmark's overall score (jaxvlm.benchmarks): mmstar | mc | vqa
+    eval_task_data: str | None = None  # its file (.parquet, a directory of them, .jsonl)
+    eval_task_limit: int | None = None  # its first N questions only
     tensorboard: bool = True  # TensorBoard event files in OUTPUT_DIR/tensorboard (tensorboardX)
     wandb_project: str | None = None  # also log to Weights & Biases (wandb installed; WANDB_MODE=offline works)
     keep_best: bool = False  # keep the checkpoint of the best validation loss in checkpoints-best/ (best.json)
@@ -145,8 +161,10 @@ class RunConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
-    def optim(self) -> OptimConfig:
+    def optim(self, lora: LoraSpec | None = None) -> OptimConfig:
         return OptimConfig(
+            lora=lora,
+            lr_lora=self.lr_lora,
             lr_mp=self.lr_mp,
             lr_vision_backbone=self.lr_vision_backbone,
             lr_language_backbone=self.lr_language_backbone,
@@ -165,6 +183,28 @@ class RunConfig:
             kernels=self.kernels,
             matmul_precision=self.matmul_precision,
         )
+
+    def lora_spec(self) -> LoraSpec | None:
+        """The LoRA spec of the lora_* flags (None without --lora-rank; --init-adapter: its own)."""
+        if self.lora_rank is None:
+            return None
+        settings = {"targets": self.lora_targets, "modules_to_save": self.lora_modules_to_save}
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout or 0.0,
+                        **{k: v for k, v in settings.items() if v is not None})  # fmt: skip
+
+    def _lora_problems(self) -> list[str]:
+        given = [n for n in ("lora_alpha", "lora_targets", "lora_modules_to_save") if getattr(self, n) is not None]
+        if self.init_adapter is not None:
+            clash = [n for n in ("lora_rank", *given) if getattr(self, n) is not None]
+            return [f"init_adapter takes the adapter's own settings: drop {', '.join(clash)}"] if clash else []
+        if self.lora_rank is None:
+            given += ["lora_dropout"] if self.lora_dropout is not None else []
+            return [f"{', '.join(given)} need lora_rank"] if given else []
+        try:
+            self.lora_spec()
+        except ValueError as e:
+            return [str(e)]
+        return []
 
     def mesh(self) -> MeshConfig:
         return MeshConfig(data=self.mesh_data, fsdp=self.mesh_fsdp, tensor=self.mesh_tensor)
@@ -205,11 +245,15 @@ class RunConfig:
                 VLMConfig.preset(self.preset, **self.model)
             except ValueError as e:
                 problems.append(f"model: {e}")
-        needs_eval = [n for n in ("keep_best", "eval_exact_match", "eval_data", "eval_holdout") if getattr(self, n)]
+        needs_eval = [n for n in ("keep_best", "eval_exact_match", "eval_data", "eval_holdout", "eval_task")
+                      if getattr(self, n)]  # fmt: skip
+        if bool(self.eval_task) != bool(self.eval_task_data):
+            problems.append("eval_task and eval_task_data go together")
         if needs_eval and self.eval_every is None:
             problems.append(f"{', '.join(needs_eval)} need eval_every")
         if self.eval_data and self.eval_holdout:
             problems.append("eval_data and eval_holdout: choose one")
+        problems += self._lora_problems()
         if self.remat_policy is not None and not self.remat:
             problems.append(f"remat_policy {self.remat_policy!r} needs remat")
         if problems:
@@ -217,6 +261,26 @@ class RunConfig:
 
 
 # ---- building blocks ---------------------------------------------------------------------------
+def build_lora(run: RunConfig, model) -> LoraSpec | None:
+    """Put the run's LoRA adapters on `model` (in place): fresh ones (--lora-rank, drawn with the
+    seed) or --init-adapter's, checked against the model's shapes. None without LoRA."""
+    from conversion.lora import read_adapter
+
+    from .lora import add_adapters, load_adapter
+
+    if run.init_adapter is not None:
+        spec, tensors = read_adapter(run.init_adapter, model.cfg)
+        if run.lora_dropout is not None:
+            spec = dataclasses.replace(spec, dropout=run.lora_dropout)
+        add_adapters(model, spec, seed=run.seed)
+        load_adapter(model, spec, tensors, source=f"--init-adapter {run.init_adapter}")
+        return spec
+    spec = run.lora_spec()
+    if spec is not None:
+        add_adapters(model, spec, seed=run.seed)
+    return spec
+
+
 def build_model(run: RunConfig):
     from .pretrained import load_nanovlm
     from .vision_language_model import VisionLanguageModel
@@ -388,6 +452,11 @@ class Validation:
             )
         if run.eval_exact_match and self.dataset is None:
             raise ValueError("--eval-exact-match needs in-memory eval data (not streamed shards)")
+        self.benchmark = None
+        if run.eval_task:  # read and checked before training starts
+            from .benchmarks import load_benchmark
+
+            self.benchmark = load_benchmark(run.eval_task, run.eval_task_data, limit=run.eval_task_limit)
 
     def _batches(self):
         from .data.stream_loader import ShardSource, StreamLoader
@@ -420,6 +489,12 @@ class Validation:
             n = min(self.run.eval_exact_match, len(self.dataset))
             out["val_exact_match"] = exact_match(model, tokenizer, self.dataset, batch_size=self.run.batch_size,
                                                  limit=n)["exact_match"]  # fmt: skip
+        if self.benchmark is not None:
+            from .benchmarks import run_benchmark
+
+            report, _ = run_benchmark(trainer.host_model(state), tokenizer, self.encoder, self.run.eval_task,
+                                      self.benchmark, batch_size=self.run.batch_size, source=self.run.eval_task_data)  # fmt: skip
+            out[f"eval_{self.run.eval_task}_accuracy"] = report["overall"]
         return out
 
 
@@ -595,6 +670,7 @@ def train(run: RunConfig) -> dict[str, Any]:
 
 def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
     from .data import SampleEncoder, SampleError
+    from .lora import save_adapter, save_merged
     from .pretrained import save_nanovlm
     from .sharding import make_mesh
     from .tokenizer import load_for_config
@@ -613,6 +689,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         )
 
     model = build_model(run)
+    lora = build_lora(run, model)  # None without LoRA
     cfg = model.cfg
     tok_path = tokenizer_path(run)
     tokenizer = load_for_config(cfg, tok_path)
@@ -627,7 +704,7 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
             held = build_dataset(run, cfg, encoder, split="heldout")
         validation = Validation(run, cfg, encoder, held)
     loader = build_train_loader(run, cfg, encoder, train_data)
-    trainer = Trainer(model, run.optim(), mesh=make_mesh(run.mesh()))
+    trainer = Trainer(model, run.optim(lora), mesh=make_mesh(run.mesh()))
     state = trainer.init_state(model)
     del model
 
@@ -674,6 +751,8 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         for sink in sinks:
             sink.add({"step": step, **v})
         extra = f" | exact match {v['val_exact_match']:.3f}" if "val_exact_match" in v else ""
+        if run.eval_task:
+            extra += f" | {run.eval_task} {v[f'eval_{run.eval_task}_accuracy']:.3f}"
         print(f"validation at step {step}: loss {v['val_loss']:.4f} over {v['val_tokens']} tokens{extra}", flush=True)
         if best_ckpts is not None and v["val_loss"] < best["val_loss"]:
             check_finite(step, "best checkpoint")
@@ -807,8 +886,13 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         print("note: " + _skipped(loader, run), file=sys.stderr, flush=True)
     if primary:
         with atomic.atomic_directory(final, replace=True) as tmp:
-            save_nanovlm(final_model, tmp)
+            if lora is None:
+                save_nanovlm(final_model, tmp)
+            else:  # the adapters merged: a plain nanoVLM checkpoint every loader reads
+                save_merged(final_model, lora, tmp)
             copy_tokenizer(tok_path, tmp, replace=False)
+        if lora is not None:  # PEFT's adapter directory: adapter_config.json + adapter_model.safetensors
+            save_adapter(final_model, lora, out / "adapter")
         metrics.flush()
         metrics.plot(out / "loss_curve.png")
         atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))

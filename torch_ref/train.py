@@ -6,22 +6,23 @@ from __future__ import annotations
 
 import torch
 
-from conversion.recipe import GROUPS, OptimConfig, upstream_lr
+from conversion.recipe import OptimConfig, upstream_lr
 
 from .vision_language_model import VisionLanguageModel
 
 
 def make_optimizer(model: VisionLanguageModel, ocfg: OptimConfig) -> torch.optim.AdamW:
-    """One AdamW group per trained module (lr > 0); frozen modules get requires_grad=False."""
-    lrs = ocfg.group_lrs()
-    groups = []
-    for module_name, group in GROUPS.items():
-        params = list(getattr(model, module_name).parameters())
-        if lrs[group] > 0:
-            groups.append({"params": params, "lr": lrs[group], "name": group})
+    """One AdamW group per trained group (`OptimConfig.param_group`: lr > 0; with LoRA the
+    adapters and the modules to save); every other parameter gets requires_grad=False."""
+    by_group: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        group = ocfg.param_group(name)
+        if group is None:
+            p.requires_grad_(False)
         else:
-            for p in params:
-                p.requires_grad_(False)
+            by_group.setdefault(group, []).append(p)
+    lrs = ocfg.group_lrs()
+    groups = [{"params": by_group[g], "lr": lr, "name": g} for g, lr in lrs.items() if g in by_group]
     return torch.optim.AdamW(groups, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
 
 
