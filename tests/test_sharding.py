@@ -248,6 +248,22 @@ def test_bf16_compute_on_a_mesh(meshes):
     assert mesh_vs_1 <= 1e-3 and vs_fp32 <= 2e-2, r
 
 
+def test_lora_on_a_mesh_with_remat(meshes):
+    """LoRA, 3 steps with accumulation: the 2x2x2 mesh with remat vs one device without it. Only
+    the adapters and the projector (modules to save) train; the adapters shard with their layer."""
+    r = meshes["lora"]
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(r["losses_mesh"], r["losses_1"]))
+    record(
+        "LoRA on 2x2x2 (remat) vs 1 device, 3 steps",
+        f"losses {loss_err:.1e} relative; worst parameter {r['worst']} {r['param_error']:.1e} (tol {TOL:.0e})",
+    )
+    assert loss_err <= TOL and r["param_error"] <= TOL, r
+    assert r["trained"] and all("lora_" in k or k.startswith("MP/") for k in r["trained"]), r["trained"]
+    assert any(k.startswith("MP/") for k in r["trained"]) and any("vision_encoder" in k for k in r["trained"])
+    assert r["specs"]["decoder/blocks/0/mlp/gate_proj/lora_A/kernel"] == "P('fsdp', None)", r["specs"]
+    assert r["specs"]["decoder/blocks/0/mlp/gate_proj/lora_B/kernel"] == "P(None, 'tensor')", r["specs"]
+
+
 def test_generate_on_a_sharded_model(meshes):
     g = meshes["generate"]
     assert g["weights_spec"] == "P('fsdp', 'tensor')" and g["embedding_spec"] == "P('tensor', 'fsdp')"
