@@ -149,6 +149,9 @@ def cmd_from_hf(args) -> int:
     from conversion.hf import build_from_hf
 
     settings = {
+        "mp_type": args.mp_type,
+        "mp_resampler_queries": args.resampler_queries,
+        "mp_resampler_layers": args.resampler_layers,
         "mp_pixel_shuffle_factor": args.pixel_shuffle_factor,
         "mp_image_token_length": args.image_token_length,
         "vit_img_size": args.image_size,
@@ -259,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mp_pixel_shuffle_factor (default: 4 where the patch grid allows it, else 2, else 1)",
     )
     s.add_argument("--image-token-length", type=int, help="mp_image_token_length (default: derived)")
+    s.add_argument(
+        "--mp-type",
+        choices=("pixel_shuffle_linear", "mlp", "resampler"),
+        help="the projector variant (default: nanoVLM's pixel_shuffle_linear; written only when given)",
+    )
+    s.add_argument("--resampler-queries", type=int, help="mp_resampler_queries (--mp-type resampler)")
+    s.add_argument("--resampler-layers", type=int, help="mp_resampler_layers (--mp-type resampler; default 2)")
     s.add_argument("--extra-tokens", type=_extra_tokens, help="default (66 tokens), legacy (1), or a JSON object")
     s.add_argument("--image-size", type=int, help="vit_img_size; must be the vision tower's image_size")
     s.add_argument(

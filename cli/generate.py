@@ -2,10 +2,17 @@
 
   jaxvlm generate --model DIR --image a.jpg [--image b.jpg] --prompt "What is this?"
   jaxvlm generate --model DIR --batch prompts.jsonl --out answers.jsonl
+  jaxvlm generate --model DIR --image a.jpg --prompt "..." --attention-map map.png \
+      [--attention-token K] [--attention-layer L|mean] [--vit-rollout rollout.png]
 
 Batch rows are {"prompt": str, "images": [paths relative to the JSONL file]} (or "image": path);
 each output row adds "answer". The tokenizer is the model directory's tokenizer.json unless
 --tokenizer says otherwise; images go through the same processor as training.
+
+--attention-map writes the image with a heat map of where the decoder looked when it produced
+generated token K (0: the first), per layer or averaged over layers and heads; --vit-rollout the
+ViT's attention rollout (`jaxvlm.attention_maps`). Both PNGs are written whole, never over an
+existing file without --overwrite, and only for one --prompt with one --image.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from conversion.atomic import atomic_file, check_output_file
+from conversion.atomic import atomic_file, check_output_file, same_file
 from conversion.hub import resolve
 from conversion.validation import read_utf8
 
@@ -28,7 +35,15 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--prompt", help="the user's question")
     g.add_argument("--batch", help="JSONL file of {prompt, images} rows")
     g.add_argument("--out", help="where --batch writes its answers (JSONL, written whole at the end; default: stdout)")
-    g.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    g.add_argument("--overwrite", action="store_true", help="let --out / the attention PNGs replace an existing file")
+    g.add_argument("--attention-map", metavar="OUT.png", help="write the decoder's attention over the image (overlay)")
+    g.add_argument("--attention-token", type=int, default=None, metavar="K",
+                   help="the generated token whose attention is shown (0-based; default 0, the first)")  # fmt: skip
+    g.add_argument("--attention-layer", default=None, metavar="L|mean",
+                   help="decoder layer 0..n-1, or mean over layers and heads (default)")  # fmt: skip
+    g.add_argument(
+        "--vit-rollout", metavar="OUT.png", help="write the ViT's attention rollout over the image (overlay)"
+    )
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true")
@@ -68,12 +83,13 @@ class TextStream:
             self.shown = text
 
 
-def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[str]:
+def _tokens(model, tokenizer, prompts: list[dict], args, stream=None):
+    """The generated ids int32[B, max_new_tokens] of left-padded prompts."""
     from jaxvlm.evaluation import left_pad
     from jaxvlm.generate import generate
 
     ids, mask, images = left_pad(prompts, tokenizer.pad_token_id)
-    out = generate(
+    return generate(
         model,
         ids,
         images,
@@ -87,10 +103,82 @@ def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[st
         seed=args.seed,
         stream=stream,
     )
+
+
+def _answer(model, tokenizer, prompts: list[dict], args, stream=None) -> list[str]:
+    out = _tokens(model, tokenizer, prompts, args, stream)
     return [
         tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
         for row in out.tolist()
     ]
+
+
+def _check_attention_args(args) -> list:
+    """Check the attention-map flags before anything is loaded; the output paths to write."""
+    outputs = [p for p in (args.attention_map, args.vit_rollout) if p is not None]
+    if args.attention_map is None:
+        for flag, value in (("--attention-token", args.attention_token), ("--attention-layer", args.attention_layer)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --attention-map OUT.png")
+    if not outputs:
+        return []
+    if args.prompt is None:
+        raise ValueError("--attention-map / --vit-rollout go with one --prompt and one --image, not --batch")
+    if len(args.image) != 1:
+        raise ValueError(f"--attention-map / --vit-rollout map one image; {len(args.image)} --image were given")
+    args.attention_token = 0 if args.attention_token is None else args.attention_token
+    if not 0 <= args.attention_token < args.max_new_tokens:
+        raise ValueError(
+            f"--attention-token {args.attention_token}: choose a generated token, 0..{args.max_new_tokens - 1} "
+            f"(--max-new-tokens {args.max_new_tokens})"
+        )
+    layer = args.attention_layer or "mean"
+    if layer != "mean":
+        if not layer.isdigit():
+            raise ValueError(f"--attention-layer {layer!r}: give a layer number 0..n-1 or 'mean'")
+        layer = int(layer)
+    args.attention_layer = layer
+    if len(outputs) == 2 and same_file(*outputs):
+        raise ValueError(f"--attention-map and --vit-rollout are the same file {outputs[0]}: choose two names")
+    for flag, path in (("--attention-map", args.attention_map), ("--vit-rollout", args.vit_rollout)):
+        if path is not None:
+            check_output_file(path, inputs=(*args.image, args.model), overwrite=args.overwrite, flag=flag)
+    return outputs
+
+
+def _write_attention(model, tokenizer, encoder, prompt: dict, tokens, args) -> None:
+    """The PNGs of --attention-map and --vit-rollout for one prompt and its generated tokens."""
+    import numpy as np
+
+    from jaxvlm import attention_maps as am
+
+    cfg = model.cfg
+    tokens = np.asarray(tokens)[0]
+    eos = np.flatnonzero(tokens == tokenizer.eos_token_id)
+    n_generated = int(eos[0]) + 1 if eos.size else tokens.shape[0]
+    picture = encoder.image_processor.load_image(args.image[0])
+    grid = prompt["grids"][0]
+    if args.attention_map is not None:
+        k = args.attention_token
+        if k >= n_generated:
+            raise ValueError(
+                f"--attention-token {k}: only {n_generated} token(s) were generated (0..{n_generated - 1}); "
+                "nothing written"
+            )
+        ids = np.concatenate([prompt["input_ids"], tokens[:k]])[None]  # the query at T-1+k chose token k
+        weights = am.decoder_attention(model, ids, None, prompt["images"])
+        heat = am.image_token_map(weights, ids, cfg, grid, query=ids.shape[1] - 1, layer=args.attention_layer)
+        am.save_png(am.overlay(picture, heat), args.attention_map)
+        shown = tokenizer.decode([int(tokens[k])], skip_special_tokens=False)
+        print(
+            f"attention map of generated token {k} ({shown!r}), layer {args.attention_layer}: "
+            f"{heat.sum() * 100:.1f}% of its attention on the image's tokens -> {args.attention_map}",
+            file=sys.stderr,
+        )
+    if args.vit_rollout is not None:
+        rollout = am.attention_rollout(am.vit_attention(model, prompt["images"]))
+        am.save_png(am.overlay(picture, am.rollout_map(rollout, cfg, grid)), args.vit_rollout)
+        print(f"ViT attention rollout -> {args.vit_rollout}", file=sys.stderr)
 
 
 def _batch_rows(path: Path) -> list[dict]:
@@ -115,6 +203,21 @@ def _batch_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _check_model_for_attention(cfg, args) -> None:
+    """The attention flags that need the model's config, checked before generating."""
+    if args.attention_map is None:
+        return
+    if args.attention_layer != "mean" and args.attention_layer >= cfg.lm_n_blocks:
+        raise ValueError(
+            f"--attention-layer {args.attention_layer}: the decoder has layers 0..{cfg.lm_n_blocks - 1} (or 'mean')"
+        )
+    if getattr(cfg, "mp_type", None) == "resampler":
+        raise ValueError(
+            "--attention-map: this model's resampler projector makes image tokens from learned queries, "
+            "which have no place on the image (--vit-rollout works)"
+        )
+
+
 def cmd_generate(args) -> int:
     from jaxvlm.runtime import configure
 
@@ -126,12 +229,17 @@ def cmd_generate(args) -> int:
         if args.batch is None:
             raise ValueError("--out goes with --batch")
         check_output_file(args.out, inputs=(args.batch, args.model), overwrite=args.overwrite)
+    attention_outputs = _check_attention_args(args)
     rows = _batch_rows(Path(args.batch)) if args.batch is not None else None
     model, tokenizer, encoder = _load(args)
     if args.prompt is not None:
         prompt = encoder.encode_prompt(args.image, args.prompt)
-        _answer(model, tokenizer, [prompt], args, stream=TextStream(tokenizer))
+        if attention_outputs:
+            _check_model_for_attention(model.cfg, args)
+        tokens = _tokens(model, tokenizer, [prompt], args, stream=TextStream(tokenizer))
         print(flush=True)
+        if attention_outputs:
+            _write_attention(model, tokenizer, encoder, prompt, tokens, args)
         return 0
     with atomic_file(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as out:
         for start in range(0, len(rows), args.batch_size):

@@ -200,6 +200,44 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
+def cmd_pretrain_vision(args) -> int:
+    """Contrastive pretraining of the ViT on image-caption pairs (jaxvlm.contrastive)."""
+    from jaxvlm.contrastive import PretrainConfig, pretrain_vision
+
+    settings = {k: getattr(args, k) for k in PRETRAIN_FLAGS if getattr(args, k) is not None}
+    if args.model:
+        settings["model"] = dict(_field_value(item) for item in args.model)
+    if args.overwrite:
+        settings["overwrite"] = True
+    if args.augment is not None:
+        settings["augment"] = args.augment
+    summary = pretrain_vision(PretrainConfig(**settings))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# `jaxvlm pretrain-vision` flags: PretrainConfig's fields (--model is repeatable FIELD=VALUE).
+PRETRAIN_FLAGS = {
+    "data": (str, "image-caption pairs: coco:DIR (captions.json + images/)"),
+    "loss": (str, "siglip (sigmoid, per device chunk on a mesh) or infonce (CLIP)"),
+    "output_dir": (str, "the run directory"),
+    "init_from": (str, "a nanoVLM checkpoint directory (or Hub repo id) to start from"),
+    "preset": (str, "model shape without --init-from (default tiny)"),
+    "tokenizer": (str, "tokenizer.json or its directory (default: --init-from's)"),
+    "steps": (int, "optimizer steps (default 200)"),
+    "batch_size": (int, "pairs per step, distinct images, >= 2 (default 16)"),
+    "lr": (float, "peak learning rate, warmup then cosine (default 1e-3)"),
+    "weight_decay": (float, "AdamW weight decay on matrices (default 0.1)"),
+    "holdout": (int, "images held out for recall@1/5 and zero-shot accuracy (default 10)"),
+    "holdout_captions": (int, "also hold out the last N captions of each training image (default 1)"),
+    "seed": (int, "(default 0)"),
+    "embed_dim": (int, "shared embedding width E (default: the language width)"),
+    "max_text_len": (int, "caption tokens, EOS included (default 32)"),
+    "eval_every": (int, "also evaluate the held-out split every N steps"),
+    "log_every": (int, "(default 10)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxvlm", description="nanoVLM in JAX: train, evaluate, generate.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -242,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG path")
     s.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     s.set_defaults(func=cmd_synthetic)
+
+    pv = sub.add_parser("pretrain-vision", help="contrastive pretraining of the ViT on image-caption pairs")
+    for name, (kind, text) in PRETRAIN_FLAGS.items():
+        pv.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    pv.add_argument("--model", action="append", metavar="FIELD=VALUE", help="override a VLMConfig field")
+    pv.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                    help="random flips and shifts of the training images (default off)")  # fmt: skip
+    pv.add_argument("--overwrite", action="store_true", help="start a run directory over")
+    pv.set_defaults(func=cmd_pretrain_vision)
 
     from .bench import add_bench_parser
     from .bench_loader import add_bench_loader_parser

@@ -36,7 +36,17 @@ VLM_RANGES: dict[str, tuple[float | None, float | None]] = {
     "lm_attn_scaling": (0.0, None), "lm_max_length": (1, 1 << 24), "lm_eos_token_id": (0, None),
     "mp_pixel_shuffle_factor": (1, 64), "mp_image_token_length": (1, 1 << 20), "max_img_size": (1, 16384),
     "vit_dropout": (0.0, 1.0), "lm_dropout": (0.0, 1.0),
+    "mp_resampler_queries": (1, 4096), "mp_resampler_layers": (1, 64),
 }  # fmt: skip
+
+# The projector variants (`mp_type`; None = "pixel_shuffle_linear", nanoVLM's own). Every one
+# starts with the pixel shuffle of factor s = mp_pixel_shuffle_factor (1: none), see
+# `jaxvlm/modality_projector.py` for the architectures.
+MP_TYPES = ("pixel_shuffle_linear", "mlp", "resampler")
+# The Perceiver resampler's fixed numbers (Flamingo's / open_flamingo's): MLP width = 4 x its
+# width, LayerNorm eps torch's default.
+RESAMPLER_MLP_RATIO = 4
+RESAMPLER_LN_EPS = 1e-5
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -118,6 +128,12 @@ class VLMConfig:
     # Modality projector.
     mp_pixel_shuffle_factor: int = 4
     mp_image_token_length: int = 64
+    # jaxvlm's projector variants (absent from upstream's configs, left out of to_dict at these
+    # defaults): None = "pixel_shuffle_linear" (nanoVLM's), "mlp" (LLaVA-1.5), "resampler"
+    # (Perceiver, Flamingo-style); see MP_TYPES and `jaxvlm/modality_projector.py`.
+    mp_type: str | None = None
+    mp_resampler_queries: int | None = None  # resampler: learned queries = image tokens per image
+    mp_resampler_layers: int = 2  # resampler: cross-attention + MLP layers (Flamingo's 6 at scale)
 
     # Image processing.
     max_img_size: int = 2048
@@ -167,8 +183,16 @@ class VLMConfig:
         return (self.vit_img_size // self.vit_patch_size) ** 2
 
     @property
+    def projector(self) -> str:
+        """The projector variant, `mp_type` with None read as nanoVLM's "pixel_shuffle_linear"."""
+        return self.mp_type or "pixel_shuffle_linear"
+
+    @property
     def n_image_tokens(self) -> int:
-        """L: language-model tokens per image after pixel shuffle."""
+        """L: language-model tokens per image: the pixel-shuffled grid, (N / s^2), or the
+        resampler's number of learned queries."""
+        if self.projector == "resampler":
+            return self.mp_resampler_queries
         return self.vit_n_patches // self.mp_pixel_shuffle_factor**2
 
     @property
@@ -223,7 +247,30 @@ class VLMConfig:
         side = self.vit_img_size // self.vit_patch_size
         s = self.mp_pixel_shuffle_factor
         need(s >= 1 and side % s == 0, f"patch grid side {side} is not divisible by mp_pixel_shuffle_factor {s}")
-        if s >= 1 and side % s == 0:
+        need(
+            self.mp_type is None or self.mp_type in MP_TYPES,
+            f"mp_type {self.mp_type!r} is not one of {', '.join(MP_TYPES)} (or null: pixel_shuffle_linear)",
+        )
+        resampler = self.mp_type == "resampler"
+        need(
+            not resampler or self.mp_resampler_queries is not None,
+            "mp_type 'resampler' needs mp_resampler_queries (its number of learned queries = image tokens per image)",
+        )
+        need(
+            resampler or self.mp_resampler_queries is None,
+            f"mp_resampler_queries is only for mp_type 'resampler' (mp_type is {self.mp_type!r})",
+        )
+        need(
+            resampler or self.mp_resampler_layers == VLMConfig.mp_resampler_layers,
+            f"mp_resampler_layers is only for mp_type 'resampler' (mp_type is {self.mp_type!r})",
+        )
+        if resampler and self.mp_resampler_queries is not None:
+            need(
+                self.mp_image_token_length == self.mp_resampler_queries,
+                f"mp_image_token_length {self.mp_image_token_length} != mp_resampler_queries {self.mp_resampler_queries} "
+                "(a resampler gives one image token per learned query)",
+            )
+        elif not resampler and s >= 1 and side % s == 0:
             need(
                 self.mp_image_token_length == (side // s) ** 2,
                 f"mp_image_token_length {self.mp_image_token_length} != (vit_img_size/vit_patch_size/mp_pixel_shuffle_factor)^2 = {(side // s) ** 2}",
@@ -399,7 +446,16 @@ class VLMConfig:
 # Fields upstream's VLMConfig does not have: written only when not at their defaults, so a
 # nanoVLM config saved here loads in upstream (whose VLMConfig(**json) refuses unknown fields).
 _JAXVLM_FIELDS = frozenset(
-    {"vlm_family", "vlm_image_mean", "vlm_image_std", "vlm_image_token_id", "vlm_image_splitting"}
+    {
+        "vlm_family",
+        "vlm_image_mean",
+        "vlm_image_std",
+        "vlm_image_token_id",
+        "vlm_image_splitting",
+        "mp_type",
+        "mp_resampler_queries",
+        "mp_resampler_layers",
+    }
 )
 
 PRESETS = ("tiny", "nanovlm-222m", "nanovlm-460m")
@@ -417,7 +473,13 @@ def _legacy_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
         out["lm_base_vocab_size"] = base
     if "extra_token_amount" not in values:
         out["extra_token_amount"] = n_extra
-    if "mp_image_token_length" not in values:
+    if (
+        "mp_image_token_length" not in values
+        and values.get("mp_type") == "resampler"
+        and values.get("mp_resampler_queries") is not None
+    ):
+        out["mp_image_token_length"] = values.get("mp_resampler_queries")
+    elif "mp_image_token_length" not in values:
         img = values.get("vit_img_size", VLMConfig.vit_img_size)
         patch = values.get("vit_patch_size", VLMConfig.vit_patch_size)
         s = values.get("mp_pixel_shuffle_factor", VLMConfig.mp_pixel_shuffle_factor)

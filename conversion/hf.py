@@ -30,8 +30,9 @@ activation, a head dim other than hidden/heads, SigLIP2 NaFlex) are errors namin
 
 VLM settings (`VLM_SETTINGS`, upstream's current defaults): pixel-shuffle factor, image tokens
 per tile (derived), extra tokens, tile size (the vision tower's), max image size,
-resize_to_max_side_len, max length. The projector `MP.proj` is initialised N(0, 0.02) as
-upstream; all random draws come from `numpy.random.default_rng(seed)` in a fixed order
+resize_to_max_side_len, max length, the projector variant (`mp_type`, `mp_resampler_queries`,
+`mp_resampler_layers`). The projector is initialised as both frameworks do it (`projector_init`:
+nanoVLM's `MP.proj` N(0, 0.02) as upstream); all random draws come from `numpy.random.default_rng(seed)` in a fixed order
 (projector, new embedding rows, new head rows).
 
 The language model's tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) is
@@ -56,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .config import DEFAULT_EXTRA_TOKENS, LEGACY_EXTRA_TOKENS, VLMConfig
-from .mapping import check_keys, expected_shapes
+from .mapping import LINEAR, check_keys, expected_shapes, mapping
 from .pretrained import CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, WEIGHTS_FILE, write_checkpoint
 from .rope import rope_inv_freq
 from .safetensors_io import _FROM_ST, CheckpointError
@@ -92,8 +93,11 @@ LLAMA_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 # Settings of the VLM itself (not of a backbone), with upstream's current defaults
 # (None: derived, see `_settings`).
 VLM_SETTINGS: dict[str, Any] = {
+    "mp_type": None,  # the projector variant (None: nanoVLM's pixel_shuffle_linear), see VLMConfig
+    "mp_resampler_queries": None,  # mp_type "resampler": its learned queries
+    "mp_resampler_layers": 2,  # mp_type "resampler": its layers
     "mp_pixel_shuffle_factor": None,  # 4 where the patch grid allows it, else 2, else 1
-    "mp_image_token_length": None,  # (vit_img_size / vit_patch_size / s)^2
+    "mp_image_token_length": None,  # (vit_img_size / vit_patch_size / s)^2, or the resampler's queries
     "vlm_extra_tokens": DEFAULT_EXTRA_TOKENS,  # or "legacy" (the single image token), or {name: token}
     "vit_img_size": None,  # the vision tower's image_size (its position embeddings fix it)
     "max_img_size": None,  # 2048 with image splitting; vit_img_size with the legacy single token
@@ -531,7 +535,9 @@ def _settings(given: Mapping[str, Any], v: dict, vision_dir: Path, language_dir:
         # 224 px nanoVLM-222M uses (224 / 16 = 14), else 1
         s["mp_pixel_shuffle_factor"] = next(f for f in (4, 2, 1) if (img // P) % f == 0)
     sf = s["mp_pixel_shuffle_factor"]
-    if s["mp_image_token_length"] is None and isinstance(sf, int) and sf > 0:
+    if s["mp_image_token_length"] is None and s["mp_type"] == "resampler":
+        s["mp_image_token_length"] = s["mp_resampler_queries"]
+    elif s["mp_image_token_length"] is None and isinstance(sf, int) and sf > 0:
         s["mp_image_token_length"] = ((img // P) // sf) ** 2
     if s["max_img_size"] is None:  # upstream's 2048 px budget, in whole tiles the grid tokens can name
         s["max_img_size"] = img * max(1, min(2048 // img, _grid_side(extra))) if splitting else img
@@ -640,13 +646,33 @@ def _build(vision_dir: Path, language_dir: Path, *, seed: int, dtype: str, setti
 
     rng = np.random.default_rng(seed)
     tensors = {k: a.astype(out_dtype) for k, a in _vision_tensors(vweights, v, prefix, v["num_hidden_layers"]).items()}
-    tensors["MP.proj.weight"] = rng.normal(0.0, 0.02, size=(cfg.lm_hidden_dim, cfg.mp_input_dim)).astype(out_dtype)
+    tensors.update(projector_init(cfg, rng, out_dtype))
     tensors.update(
         {k: a.astype(out_dtype) for k, a in _language_tensors(lweights, c, n_extra, rng, out_dtype, lpath).items()}
     )
     tensors["decoder.rotary_embd.inv_freq"] = rope_inv_freq(cfg.lm_head_dim, cfg.lm_re_base).astype(out_dtype)
     check_keys(expected_shapes(cfg), tensors, source=f"backbones {vpath} + {lpath}")
     return cfg, tensors, tokenizer_files
+
+
+def projector_init(cfg: VLMConfig, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A fresh projector for `cfg.mp_type`, drawn in the mapping table's order as both frameworks
+    initialise it (jaxvlm/modality_projector.py): linear weights N(0, 0.02), biases 0, LayerNorms
+    1 / 0, the resampler's queries N(0, 1). (nanoVLM's projector is one N(0, 0.02) draw, as before.)"""
+    out = {}
+    for e in mapping(cfg):
+        if not e.torch_key.startswith("MP."):
+            continue
+        if e.torch_key == "MP.latents":
+            value = rng.normal(0.0, 1.0, size=e.torch_shape)
+        elif e.transform is LINEAR:
+            value = rng.normal(0.0, 0.02, size=e.torch_shape)
+        elif e.torch_key.endswith(".weight"):  # LayerNorm scales
+            value = np.ones(e.torch_shape)
+        else:  # linear and LayerNorm biases
+            value = np.zeros(e.torch_shape)
+        out[e.torch_key] = value.astype(dtype)
+    return out
 
 
 def build_from_hf(

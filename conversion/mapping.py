@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import VLMConfig
+from .config import RESAMPLER_MLP_RATIO, VLMConfig
 from .safetensors_io import CheckpointError
 
 JaxPath = tuple  # e.g. ("decoder", "blocks", 3, "attn", "q_proj", "kernel")
@@ -84,7 +84,7 @@ def _module_table(cfg: VLMConfig) -> Iterator[tuple[str, str, tuple[tuple[int, .
         yield f"{b}.mlp.fc1", "linear", ((cfg.vit_inter_dim, D), (cfg.vit_inter_dim,))
         yield f"{b}.mlp.fc2", "linear", ((D, cfg.vit_inter_dim), (D,))
     yield "vision_encoder.layer_norm", "layernorm", ((D,), (D,))
-    yield "MP.proj", "linear_nobias", ((H, cfg.mp_input_dim),)
+    yield from _projector_table(cfg)
     if not cfg.lm_tie_weights:
         yield "decoder.token_embedding", "embedding", ((V, H),)
     yield "decoder.rotary_embd.inv_freq", "tensor", ((cfg.lm_head_dim // 2,),)
@@ -101,6 +101,30 @@ def _module_table(cfg: VLMConfig) -> Iterator[tuple[str, str, tuple[tuple[int, .
         yield f"{b}.mlp.down_proj", "linear_nobias", ((H, cfg.lm_inter_dim),)
     yield "decoder.norm", "rmsnorm", ((H,),)
     yield "decoder.head", "linear_nobias", ((V, H),)
+
+
+def _projector_table(cfg: VLMConfig) -> Iterator[tuple[str, str, tuple[tuple[int, ...], ...]]]:
+    """The projector's rows, by `cfg.mp_type` (jaxvlm/modality_projector.py). C = s*s*D its
+    input width, Q the resampler's queries; pixel_shuffle_linear is nanoVLM's one `MP.proj`."""
+    H, C = cfg.lm_hidden_dim, cfg.mp_input_dim
+    if cfg.projector == "mlp":
+        yield "MP.fc1", "linear", ((H, C), (H,))
+        yield "MP.fc2", "linear", ((H, H), (H,))
+        return
+    if cfg.projector == "resampler":
+        R = RESAMPLER_MLP_RATIO * C
+        yield "MP.latents", "tensor", ((cfg.mp_resampler_queries, C),)
+        for i in range(cfg.mp_resampler_layers):
+            b = f"MP.blocks.{i}"
+            yield f"{b}.ln_media", "layernorm", ((C,), (C,))
+            yield f"{b}.ln_latents", "layernorm", ((C,), (C,))
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                yield f"{b}.attn.{name}", "linear_nobias", ((C, C),)
+            yield f"{b}.ln_mlp", "layernorm", ((C,), (C,))
+            yield f"{b}.mlp.fc1", "linear_nobias", ((R, C),)
+            yield f"{b}.mlp.fc2", "linear_nobias", ((C, R),)
+        yield "MP.layer_norm", "layernorm", ((C,), (C,))
+    yield "MP.proj", "linear_nobias", ((H, C),)
 
 
 @dataclass(frozen=True)
@@ -219,6 +243,11 @@ def idefics3_mapping(cfg: VLMConfig) -> list[HFEntry]:
     `model.text_model.embed_tokens.weight` (which transformers saves alone for a tied model);
     untied: `decoder.token_embedding.weight` is the embedding and `decoder.head.weight` `lm_head.weight`.
     """
+    if cfg.projector != "pixel_shuffle_linear":
+        raise CheckpointError(
+            f"mp_type {cfg.mp_type!r}: SmolVLM (Idefics3) has only the pixel-shuffle linear projector; "
+            "a checkpoint with another projector cannot be written as or read from SmolVLM"
+        )
     v, t = "model.vision_model.", "model.text_model."
     rows = {
         "vision_encoder.patch_embedding.conv.weight": ((f"{v}embeddings.patch_embedding.weight",), HF_SAME),

@@ -55,7 +55,9 @@ def render(cfg: VLMConfig, n_params: int, *, repo_id: str | None = None) -> str:
         f"{cfg.vit_n_heads} heads, {cfg.vit_img_size} px images in {cfg.vit_patch_size} px patches |",
         f"| language backbone | `{cfg.lm_model_type}`: width {cfg.lm_hidden_dim}, {cfg.lm_n_blocks} blocks, "
         f"{cfg.lm_n_heads} heads ({cfg.lm_n_kv_heads} key/value), context {cfg.lm_max_length} tokens |",
-        f"| image tokens | {cfg.n_image_tokens} per image tile (pixel shuffle {cfg.mp_pixel_shuffle_factor}) |",
+        f"| image tokens | {cfg.n_image_tokens} per image tile (pixel shuffle {cfg.mp_pixel_shuffle_factor}"
+        + ("" if cfg.mp_type is None else f", projector {cfg.mp_type}")
+        + ") |",
         f"| vocabulary | {cfg.lm_vocab_size} tokens (`{cfg.lm_tokenizer}` + {len(cfg.extra_tokens)} extra) |",
         f"| parameters | {n_params:,} ({n_params / 1e6:.1f}M){' (the tied head counted once)' if cfg.lm_tie_weights else ''} |",
         "",

@@ -398,6 +398,11 @@ def to_smolvlm(src: str | Path, dst: str | Path) -> VLMConfig:
             f"{src / CONFIG_FILE}: vlm_family is {cfg.vlm_family!r}; to-smolvlm exports SmolVLM-family checkpoints "
             "(made by from-smolvlm or fine-tuned from one)"
         )
+    if cfg.projector != "pixel_shuffle_linear":
+        raise CheckpointError(
+            f"{src / CONFIG_FILE}: mp_type is {cfg.mp_type!r}; SmolVLM (Idefics3) has only the pixel-shuffle "
+            "linear projector, so to-smolvlm cannot export this model"
+        )
     hf = checkpoint_to_hf(cfg, tensors)
     if dst.exists():
         raise FileExistsError(f"output directory {dst} already exists")

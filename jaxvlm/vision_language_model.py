@@ -18,7 +18,7 @@ from conversion.recipe import IGNORE_INDEX
 
 from .kernels import Kernels, select
 from .language_model import LanguageModel
-from .modality_projector import ModalityProjector
+from .modality_projector import build_projector
 from .options import ModelOptions
 from .sharding import constrain
 from .vision_transformer import ViT
@@ -80,7 +80,7 @@ class VisionLanguageModel(nnx.Module):
         self.options = options
         self.vision_encoder = ViT(cfg, options, rngs=rngs)
         self.decoder = LanguageModel(cfg, options, rngs=rngs)
-        self.MP = ModalityProjector(cfg, options, rngs=rngs)
+        self.MP = build_projector(cfg, options, rngs=rngs)  # cfg.mp_type's variant
 
     def embed(
         self, input_ids: jax.Array, images: jax.Array | None, image_offsets: jax.Array | None = None

@@ -58,13 +58,18 @@ class ViTMultiHeadAttention(nnx.Module):
         self.out_proj = linear(D, D, True, options, rngs, axes=("heads", "embed"))
         self.kernels = options.select_kernels()
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q, k, v, each [B, T, nh, hd]."""
         B, T, C = x.shape
         q, k, v = jnp.split(self.qkv_proj(x), 3, axis=-1)  # fused in the order q, k, v
-        q, k, v = (
+        return tuple(
             constrain(t.reshape(B, T, self.n_heads, C // self.n_heads), "batch", "length", "heads", None)
             for t in (q, k, v)
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, T, C = x.shape
+        q, k, v = self.project_qkv(x)
         y = self.kernels.attention(q, k, v, causal=False)  # (B, T, nh, hd)
         return self.out_proj(y.reshape(B, T, C))
 

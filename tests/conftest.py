@@ -135,6 +135,8 @@ def randomize_torch_(module: nn.Module, seed: int) -> nn.Module:
                 normal(p, 0.0, 1.0)
             elif pname == "position_embedding":
                 normal(p, 0.0, 0.5)
+            elif pname == "latents":  # the resampler's learned queries (modality_projector.py)
+                normal(p, 0.0, 1.0)
             else:
                 raise AssertionError(f"randomize_torch_: unknown parameter {mname}.{pname} of {type(m).__name__}")
     n_params = len({id(p) for p in module.parameters()})

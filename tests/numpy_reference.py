@@ -133,7 +133,56 @@ def pixel_shuffle(x, s):
 
 
 def projector(x, sd, cfg, p="MP"):
+    """[n, N, D] -> [n, L, H] by `cfg.mp_type` (None: nanoVLM's pixel shuffle + linear)."""
+    kind = cfg.mp_type or "pixel_shuffle_linear"
+    if kind == "mlp":
+        return mlp_projector(x, sd, cfg, p)
+    if kind == "resampler":
+        return perceiver_resampler(x, sd, cfg, p)
     return linear(pixel_shuffle(x, cfg.mp_pixel_shuffle_factor), sd[f"{p}.proj.weight"])
+
+
+def gelu_erf(x):
+    """The exact GELU, x * Phi(x), Phi the standard normal CDF."""
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def mlp_projector(x, sd, cfg, p="MP"):
+    """LLaVA-1.5's projector after the pixel shuffle: Linear, exact GELU, Linear (with biases)."""
+    h = linear(pixel_shuffle(x, cfg.mp_pixel_shuffle_factor), sd[f"{p}.fc1.weight"], sd[f"{p}.fc1.bias"])
+    return linear(gelu_erf(h), sd[f"{p}.fc2.weight"], sd[f"{p}.fc2.bias"])
+
+
+def perceiver_resampler(x, sd, cfg, p="MP", eps=1e-5):
+    """Flamingo's Perceiver resampler, one image and one head at a time: Q learned queries; per
+    layer, each query attends (softmax(q k / sqrt(hd))) over the layer-normed features followed by
+    the layer-normed queries themselves, then an MLP (Linear 4x, exact GELU, Linear), both
+    residual; then a LayerNorm and the projection to the language width. No linear biases."""
+    media_all = pixel_shuffle(x, cfg.mp_pixel_shuffle_factor)  # [n, M, C]
+    n, M, C = media_all.shape
+    nh = cfg.vit_n_heads
+    hd = C // nh
+    out = []
+    for i in range(n):
+        lat = sd[f"{p}.latents"].copy()  # [Q, C]
+        for layer in range(cfg.mp_resampler_layers):
+            b = f"{p}.blocks.{layer}"
+            m = layer_norm(media_all[i], sd[f"{b}.ln_media.weight"], sd[f"{b}.ln_media.bias"], eps)
+            q_in = layer_norm(lat, sd[f"{b}.ln_latents.weight"], sd[f"{b}.ln_latents.bias"], eps)
+            kv = np.concatenate([m, q_in], axis=0)  # [M + Q, C]
+            q = linear(q_in, sd[f"{b}.attn.q_proj.weight"])
+            k = linear(kv, sd[f"{b}.attn.k_proj.weight"])
+            v = linear(kv, sd[f"{b}.attn.v_proj.weight"])
+            heads = []
+            for h in range(nh):
+                sl = slice(h * hd, (h + 1) * hd)
+                heads.append(softmax(q[:, sl] @ k[:, sl].T / math.sqrt(hd)) @ v[:, sl])
+            lat = lat + linear(np.concatenate(heads, axis=1), sd[f"{b}.attn.out_proj.weight"])
+            h_in = layer_norm(lat, sd[f"{b}.ln_mlp.weight"], sd[f"{b}.ln_mlp.bias"], eps)
+            lat = lat + linear(gelu_erf(linear(h_in, sd[f"{b}.mlp.fc1.weight"])), sd[f"{b}.mlp.fc2.weight"])
+        lat = layer_norm(lat, sd[f"{p}.layer_norm.weight"], sd[f"{p}.layer_norm.bias"], eps)
+        out.append(linear(lat, sd[f"{p}.proj.weight"]))
+    return np.stack(out)
 
 
 # ---- language decoder ---------------------------------------------------------------------------

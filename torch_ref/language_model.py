@@ -75,13 +75,18 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(H, H, bias=False)
 
-    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None, segment_ids=None):
-        """x float[B, T, H] -> (float[B, T, H], cache {"key", "value": float[B, nkv, T_total, hd]})."""
+    def project_qkv(self, x, cos, sin):
+        """x [B, T, H] -> q [B, nh, T, hd], k, v [B, nkv, T, hd], RoPE applied to q and k."""
         B, T, H = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_embd(q, cos, sin), apply_rotary_pos_embd(k, cos, sin)
+        return apply_rotary_pos_embd(q, cos, sin), apply_rotary_pos_embd(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attention_mask=None, block_kv_cache=None, segment_ids=None):
+        """x float[B, T, H] -> (float[B, T, H], cache {"key", "value": float[B, nkv, T_total, hd]})."""
+        B, T, H = x.shape
+        q, k, v = self.project_qkv(x, cos, sin)
         if block_kv_cache is not None:
             k = torch.cat([block_kv_cache["key"], k], dim=2)
             v = torch.cat([block_kv_cache["value"], v], dim=2)

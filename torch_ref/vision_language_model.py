@@ -25,7 +25,7 @@ from conversion.safetensors_io import BF16, CheckpointError
 from conversion.smolvlm import is_smolvlm_directory, read_smolvlm
 
 from .language_model import LanguageModel, RMSNorm
-from .modality_projector import ModalityProjector
+from .modality_projector import build_projector
 from .vision_transformer import ViT
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class VisionLanguageModel(nn.Module):
         self.cfg = cfg
         self.vision_encoder = ViT(cfg)
         self.decoder = LanguageModel(cfg)
-        self.MP = ModalityProjector(cfg)
+        self.MP = build_projector(cfg)  # cfg.mp_type's variant
         self.apply(init_weights)
 
     # ---- forward -------------------------------------------------------------------------

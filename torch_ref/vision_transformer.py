@@ -35,10 +35,15 @@ class ViTMultiHeadAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.vit_hidden_dim, 3 * cfg.vit_hidden_dim, bias=True)
         self.out_proj = nn.Linear(cfg.vit_hidden_dim, cfg.vit_hidden_dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q, k, v, each [B, nh, T, hd]."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # fused in the order q, k, v
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        return tuple(t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.project_qkv(x)
         y = attention(q, k, v, causal=False)  # (B, nh, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
