@@ -41,8 +41,11 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped mode
 LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj",
                "qkv_proj", "fc1", "fc2", "proj")  # fmt: skip
 TOWERS = ("decoder", "vision_encoder", "MP")
-# The decoder's attention and MLP projections (`out_proj` qualified: the ViT has one too).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "decoder.out_proj", "gate_proj", "up_proj", "down_proj")
+# The decoder's attention and MLP projections, tower-qualified: the ViT has an `out_proj` and the
+# resampler projector (mp_type "resampler") q/k/v/out projections of its own.
+DEFAULT_TARGETS = tuple(
+    f"decoder.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
+)
 MODULES_TO_SAVE = ("MP", "vision_encoder")
 VALID_TARGETS = (*LAYER_NAMES[:-1], "decoder.out_proj", "vision_encoder.out_proj", "MP.proj")
 

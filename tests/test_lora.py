@@ -277,3 +277,13 @@ def test_bf16_remat_and_dropout_train_the_adapters(trained):
     dropped = replace(SPEC, dropout=0.3)
     a, b = one_step(ModelOptions(), dropped), one_step(ModelOptions(), dropped)
     assert a == b and a != fp32, (a, b, fp32)
+
+
+def test_default_targets_are_the_decoders_whatever_the_projector():
+    """The default targets name the decoder's projections: the resampler projector's own q/k/v/out
+    projections are not adapted, so it can be a module to save beside the default adapters."""
+    cfg = tiny_cfg(mp_type="resampler", mp_pixel_shuffle_factor=1, mp_resampler_queries=4, mp_image_token_length=4)
+    chosen = LoraSpec(modules_to_save=("MP",)).modules(cfg)
+    assert chosen == LoraSpec().modules(tiny_cfg()), chosen
+    assert len(chosen) == 7 * cfg.lm_n_blocks and all(m.startswith("decoder.") for m in chosen)
+    assert any(m.startswith("MP.") for m in LoraSpec(targets=("q_proj",)).modules(cfg))  # PEFT's suffix rule
