@@ -735,8 +735,10 @@ def _train(run: RunConfig, out: Path, primary: bool) -> dict[str, Any]:
         meta = {"step": step, "loader": loader.state_dict(), "seed": run.seed}
         if jax.process_count() > 1:  # each process reads its own share of the data: keep every position
             meta["loaders"] = _gather_json(meta["loader"])
-        checkpoints.save(step, state, meta)
+        # metrics.jsonl first: a kill between the two then leaves rows past the latest checkpoint, which
+        # a resume drops (MetricsLog keeps rows <= its step), never a checkpoint whose rows are missing.
         metrics.flush()
+        checkpoints.save(step, state, meta)
 
     best_ckpts = TrainCheckpoints(out / "checkpoints-best", keep=1) if run.keep_best else None
     best = {"val_loss": math.inf, "step": None}
