@@ -83,13 +83,30 @@ def forward_flops(cfg, batch_size: int, seq_len: int, n_images: int) -> float:
     vit = 2 * N * 3 * cfg.vit_patch_size**2 * D + cfg.vit_n_blocks * (
         2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I_v + 2 * 2 * N * N * D
     )
-    mp = 2 * cfg.n_image_tokens * cfg.mp_input_dim * cfg.lm_hidden_dim
+    mp = projector_flops(cfg)
     H, I, T = cfg.lm_hidden_dim, cfg.lm_inter_dim, seq_len
     kv = cfg.lm_n_kv_heads * cfg.lm_head_dim
     per_token = (
         cfg.lm_n_blocks * (2 * H * H * 2 + 2 * H * kv * 2 + 3 * 2 * H * I + 2 * 2 * T * H) + 2 * H * cfg.lm_vocab_size
     )
     return float(n_images * (vit + mp) + batch_size * T * per_token)
+
+
+def projector_flops(cfg) -> float:
+    """Matmul + attention FLOPs of the projector (`cfg.projector`) for one image."""
+    C, H, L = cfg.mp_input_dim, cfg.lm_hidden_dim, cfg.n_image_tokens
+    if cfg.projector == "pixel_shuffle_linear":
+        return 2 * L * C * H
+    if cfg.projector == "mlp":
+        return 2 * L * C * H + 2 * L * H * H
+    # resampler: per block q (Q rows), k and v (M + Q rows), out (Q), the MLP (Q rows, C -> 4C -> C),
+    # and the attention of Q queries over M + Q keys; then the final projection (Q rows)
+    from conversion.config import RESAMPLER_MLP_RATIO
+
+    M = cfg.vit_n_patches // cfg.mp_pixel_shuffle_factor**2
+    Q, K = L, M + L
+    block = 2 * Q * C * C * 2 + 2 * K * C * C * 2 + 2 * 2 * Q * C * RESAMPLER_MLP_RATIO * C + 2 * 2 * Q * K * C
+    return cfg.mp_resampler_layers * block + 2 * Q * C * H
 
 
 def cpu_model() -> str:

@@ -3,7 +3,7 @@
   jaxvlm generate --model DIR --image a.jpg [--image b.jpg] --prompt "What is this?"
   jaxvlm generate --model DIR --batch prompts.jsonl --out answers.jsonl
   jaxvlm generate --model DIR --image a.jpg --prompt "..." --attention-map map.png \
-      [--attention-token K] [--attention-layer L|mean] [--vit-rollout rollout.png]
+      [--attention-token K] [--attention-layer L|mean] [--attention-head H|mean] [--vit-rollout rollout.png]
 
 Batch rows are {"prompt": str, "images": [paths relative to the JSONL file]} (or "image": path);
 each output row adds "answer". The tokenizer is the model directory's tokenizer.json unless
@@ -40,7 +40,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--attention-token", type=int, default=None, metavar="K",
                    help="the generated token whose attention is shown (0-based; default 0, the first)")  # fmt: skip
     g.add_argument("--attention-layer", default=None, metavar="L|mean",
-                   help="decoder layer 0..n-1, or mean over layers and heads (default)")  # fmt: skip
+                   help="decoder layer 0..n-1, or mean over layers (default)")  # fmt: skip
+    g.add_argument("--attention-head", default=None, metavar="H|mean",
+                   help="query head 0..nh-1 of the decoder, or mean over heads (default)")  # fmt: skip
     g.add_argument(
         "--vit-rollout", metavar="OUT.png", help="write the ViT's attention rollout over the image (overlay)"
     )
@@ -117,7 +119,8 @@ def _check_attention_args(args) -> list:
     """Check the attention-map flags before anything is loaded; the output paths to write."""
     outputs = [p for p in (args.attention_map, args.vit_rollout) if p is not None]
     if args.attention_map is None:
-        for flag, value in (("--attention-token", args.attention_token), ("--attention-layer", args.attention_layer)):
+        for flag, value in (("--attention-token", args.attention_token), ("--attention-layer", args.attention_layer),
+                            ("--attention-head", args.attention_head)):  # fmt: skip
             if value is not None:
                 raise ValueError(f"{flag} goes with --attention-map OUT.png")
     if not outputs:
@@ -132,12 +135,16 @@ def _check_attention_args(args) -> list:
             f"--attention-token {args.attention_token}: choose a generated token, 0..{args.max_new_tokens - 1} "
             f"(--max-new-tokens {args.max_new_tokens})"
         )
-    layer = args.attention_layer or "mean"
-    if layer != "mean":
-        if not layer.isdigit():
-            raise ValueError(f"--attention-layer {layer!r}: give a layer number 0..n-1 or 'mean'")
-        layer = int(layer)
-    args.attention_layer = layer
+    for flag, attr, what in (
+        ("--attention-layer", "attention_layer", "layer"),
+        ("--attention-head", "attention_head", "head"),
+    ):
+        value = getattr(args, attr) or "mean"
+        if value != "mean":
+            if not value.isdigit():
+                raise ValueError(f"{flag} {value!r}: give a {what} number 0..n-1 or 'mean'")
+            value = int(value)
+        setattr(args, attr, value)
     if len(outputs) == 2 and same_file(*outputs):
         raise ValueError(f"--attention-map and --vit-rollout are the same file {outputs[0]}: choose two names")
     for flag, path in (("--attention-map", args.attention_map), ("--vit-rollout", args.vit_rollout)):
@@ -167,11 +174,14 @@ def _write_attention(model, tokenizer, encoder, prompt: dict, tokens, args) -> N
             )
         ids = np.concatenate([prompt["input_ids"], tokens[:k]])[None]  # the query at T-1+k chose token k
         weights = am.decoder_attention(model, ids, None, prompt["images"])
-        heat = am.image_token_map(weights, ids, cfg, grid, query=ids.shape[1] - 1, layer=args.attention_layer)
+        heat = am.image_token_map(
+            weights, ids, cfg, grid, query=ids.shape[1] - 1, layer=args.attention_layer, head=args.attention_head
+        )
         am.save_png(am.overlay(picture, heat), args.attention_map)
         shown = tokenizer.decode([int(tokens[k])], skip_special_tokens=False)
         print(
-            f"attention map of generated token {k} ({shown!r}), layer {args.attention_layer}: "
+            f"attention map of generated token {k} ({shown!r}), layer {args.attention_layer}, "
+            f"head {args.attention_head}: "
             f"{heat.sum() * 100:.1f}% of its attention on the image's tokens -> {args.attention_map}",
             file=sys.stderr,
         )
@@ -210,6 +220,10 @@ def _check_model_for_attention(cfg, args) -> None:
     if args.attention_layer != "mean" and args.attention_layer >= cfg.lm_n_blocks:
         raise ValueError(
             f"--attention-layer {args.attention_layer}: the decoder has layers 0..{cfg.lm_n_blocks - 1} (or 'mean')"
+        )
+    if args.attention_head != "mean" and args.attention_head >= cfg.lm_n_heads:
+        raise ValueError(
+            f"--attention-head {args.attention_head}: the decoder has query heads 0..{cfg.lm_n_heads - 1} (or 'mean')"
         )
     if getattr(cfg, "mp_type", None) == "resampler":
         raise ValueError(

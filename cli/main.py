@@ -306,7 +306,7 @@ def main(argv=None) -> int:
 
 # Commands that run many jitted steps or stream the weights per token (bench sets each part's
 # environment itself).
-LONG_RUNNING = ("train", "eval", "generate")
+LONG_RUNNING = ("train", "eval", "generate", "pretrain-vision")
 
 
 def entry() -> None:

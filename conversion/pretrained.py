@@ -113,3 +113,43 @@ def copy_tokenizer(src: str | Path, dst: str | Path, *, replace: bool = True) ->
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (replace or not (dst / name).exists()):
             atomic.write_bytes(dst / name, (src / name).read_bytes())
+
+
+# ---- the heads of a contrastive run (`jaxvlm pretrain-vision`) -------------------------------
+HEADS_FILE = "contrastive_heads.safetensors"
+
+
+def contrastive_head_shapes(cfg: VLMConfig, loss: str, embed_dim: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a contrastive run's heads, torch layout (nn.Linear weight [out, in])."""
+    shapes = {
+        "image_proj.weight": (embed_dim, cfg.vit_hidden_dim),
+        "text_proj.weight": (embed_dim, cfg.lm_hidden_dim),
+        "logit_scale": (),
+    }
+    if loss == "siglip":
+        shapes["logit_bias"] = ()
+    return shapes
+
+
+def write_contrastive_heads(
+    path: str | Path, cfg: VLMConfig, tensors: dict[str, np.ndarray], *, loss: str, embed_dim: int
+) -> None:
+    """The projections, the temperature t' and (SigLIP) the bias b of a contrastive run, with
+    the loss and E in the metadata: what, beside the towers in `model/`, recomputes its
+    embeddings, retrieval and zero-shot scores. Checked (keys, shapes, finite) before writing;
+    written atomically."""
+    check_keys(contrastive_head_shapes(cfg, loss, embed_dim), tensors, source="contrastive heads to save")
+    check_values(tensors, source="contrastive heads to save")
+    save_safetensors(path, tensors, metadata={"format": "pt", "loss": loss, "embed_dim": str(embed_dim)})
+
+
+def read_contrastive_heads(path: str | Path, cfg: VLMConfig) -> tuple[str, int, dict[str, np.ndarray]]:
+    """(loss, E, {name: array in torch layout}) of `write_contrastive_heads`'s file, checked
+    against the towers' config `cfg`."""
+    tensors, meta = load_safetensors(path)
+    loss, embed_dim = meta.get("loss"), meta.get("embed_dim", "")
+    if loss not in ("siglip", "infonce") or not embed_dim.isdigit():
+        raise CheckpointError(f"{path}: not a contrastive heads file (metadata loss={loss!r}, embed_dim={embed_dim!r})")
+    check_keys(contrastive_head_shapes(cfg, loss, int(embed_dim)), tensors, source=str(path))
+    check_values(tensors, source=str(path))
+    return loss, int(embed_dim), tensors

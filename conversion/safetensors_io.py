@@ -66,7 +66,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write arrays to `path` atomically (a temp file renamed into place)."""
     path = Path(path)
-    arrays = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+    arrays = {name: np.require(arr, requirements="C") for name, arr in tensors.items()}  # 0-d stays 0-d
     for name, arr in arrays.items():
         if arr.dtype not in _TO_ST:
             raise CheckpointError(f"cannot store tensor {name!r} of dtype {arr.dtype} in safetensors")

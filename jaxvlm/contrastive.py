@@ -23,7 +23,9 @@ Losses over a batch of B pairs (x_i, y_j unit embeddings):
 
 After training the run writes `model/`, a nanoVLM checkpoint whose ViT and decoder are the
 trained towers (the projector as initialised): `jaxvlm train --init-from RUN/model` starts a VLM
-from it. Shapes: B pairs, N patches, D vision width, H language width, T text length, E embedding.
+from it; and `contrastive_heads.safetensors` (the projections, t' and b, torch layout):
+`load_contrastive(RUN)` rebuilds the trained model in either framework, so its embeddings,
+recall and zero-shot scores can be recomputed. Shapes: B pairs, N patches, D vision width, H language width, T text length, E embedding.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class ContrastiveModel(nnx.Module):
         decoder: LanguageModel | None = None,
     ):
         self.loss_name = check_loss(loss)
+        self.cfg = cfg
         E = embed_dim or cfg.lm_hidden_dim
         self.options = options
         self.vision_encoder = vision_encoder if vision_encoder is not None else ViT(cfg, options, rngs=rngs)
@@ -188,6 +191,40 @@ class ContrastiveModel(nnx.Module):
     def __call__(self, images, input_ids, attention_mask, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
         """The loss float32[] of B pairs (image i goes with text i)."""
         return self.loss_of(self.encode_images(images), self.encode_texts(input_ids, attention_mask), mesh)
+
+
+def head_tensors(model: ContrastiveModel) -> dict[str, np.ndarray]:
+    """The heads (projections, t', b) in torch layout: `conversion.pretrained.write_contrastive_heads`'s tensors."""
+    out = {
+        "image_proj.weight": np.asarray(model.image_proj.kernel[...]).T,
+        "text_proj.weight": np.asarray(model.text_proj.kernel[...]).T,
+        "logit_scale": np.asarray(model.logit_scale[...]),
+    }
+    if model.logit_bias is not None:
+        out["logit_bias"] = np.asarray(model.logit_bias[...])
+    return out
+
+
+def load_contrastive(run_dir: str | Path, *, options: ModelOptions = ModelOptions()) -> ContrastiveModel:
+    """The trained ContrastiveModel of a `jaxvlm pretrain-vision` run directory: the towers from
+    `RUN/model` (a nanoVLM checkpoint), the heads from `RUN/contrastive_heads.safetensors`; its
+    embeddings, recall and zero-shot scores are the run's (`evaluate`)."""
+    from conversion.pretrained import HEADS_FILE, read_contrastive_heads
+
+    from .pretrained import load_nanovlm
+
+    run_dir = Path(run_dir)
+    vlm = load_nanovlm(run_dir / "model", options=options)
+    loss, embed_dim, tensors = read_contrastive_heads(run_dir / HEADS_FILE, vlm.cfg)
+    model = ContrastiveModel(vlm.cfg, loss, embed_dim=embed_dim, options=options, rngs=nnx.Rngs(0),
+                             vision_encoder=vlm.vision_encoder, decoder=vlm.decoder)  # fmt: skip
+    pdt = options.param_dtype
+    model.image_proj.kernel[...] = jnp.asarray(tensors["image_proj.weight"].T, pdt)
+    model.text_proj.kernel[...] = jnp.asarray(tensors["text_proj.weight"].T, pdt)
+    model.logit_scale[...] = jnp.asarray(tensors["logit_scale"], jnp.float32)
+    if loss == "siglip":
+        model.logit_bias[...] = jnp.asarray(tensors["logit_bias"], jnp.float32)
+    return model
 
 
 # ---- retrieval and zero-shot metrics (numpy) ---------------------------------------------------
@@ -537,7 +574,7 @@ def pretrain_vision(cfg: PretrainConfig, *, return_model: bool = False):
 
 
 def _pretrain(cfg: PretrainConfig, out: Path, vlm, tokenizer, tok_path, train: Pairs, held: Pairs, held_caps):
-    from conversion.pretrained import copy_tokenizer
+    from conversion.pretrained import HEADS_FILE, check_values, copy_tokenizer, write_contrastive_heads
 
     from .pretrained import save_nanovlm
     from .sharding import MeshConfig, make_mesh, use_mesh
@@ -599,9 +636,13 @@ def _pretrain(cfg: PretrainConfig, out: Path, vlm, tokenizer, tok_path, train: P
     elapsed = time.perf_counter() - t0
     metrics.flush()
     final = out / "model"
+    heads = head_tensors(model)
+    check_values(heads, source="the trained contrastive heads")  # finite, before anything of the result is written
     with atomic.atomic_directory(final, replace=True) as tmp:
         save_nanovlm(vlm, tmp)  # the VLM whose vision_encoder and decoder were just trained
         copy_tokenizer(tok_path, tmp, replace=False)
+    embed_dim = heads["image_proj.weight"].shape[0]
+    write_contrastive_heads(out / HEADS_FILE, vlm.cfg, heads, loss=cfg.loss, embed_dim=embed_dim)
     metrics.plot(out / "loss_curve.png")
     summary = {
         "loss": cfg.loss,
@@ -618,6 +659,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, vlm, tokenizer, tok_path, train: P
         "train_time_s": elapsed,
         "devices": n_dev,
         "model_dir": str(final),
+        "heads_file": str(out / HEADS_FILE),
     }
     atomic.write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary, model

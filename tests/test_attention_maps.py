@@ -387,10 +387,10 @@ def test_cli_writes_overlays_and_refuses_to_overwrite(tiny_dir, tmp_path):
     out, roll = tmp_path / "map.png", tmp_path / "rollout.png"
     argv = ["-m", "jaxvlm", "generate", "--model", str(tiny_dir), "--image", str(image), "--prompt", "What is this?",
             "--greedy", "--max-new-tokens", "3", "--attention-map", str(out), "--vit-rollout", str(roll),
-            "--attention-layer", "1"]  # fmt: skip
+            "--attention-layer", "1", "--attention-head", "2"]  # fmt: skip
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
-    assert any("attention map of generated token 0" in line for line in err), err
+    assert any("attention map of generated token 0" in line and "layer 1, head 2" in line for line in err), err
     for path in (out, roll):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == size and im.mode == "RGB"
@@ -400,7 +400,7 @@ def test_cli_writes_overlays_and_refuses_to_overwrite(tiny_dir, tmp_path):
         assert np.abs(pixels - original).max() > 20, f"{path.name}: no heat map drawn over the image"
     assert not list(tmp_path.glob(".tmp-*"))
     before = out.read_bytes()
-    code, _, err = run_cli(*argv[:-2])  # the same outputs again, no --overwrite
+    code, _, err = run_cli(*argv[:-4])  # the same outputs again, no --overwrite
     assert code == 2 and len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0], err
     assert out.read_bytes() == before
 
@@ -416,6 +416,9 @@ def test_cli_bad_values_one_line_nothing_written(tiny_dir, tmp_path, capsys):
         "token beyond the generated ones": (["--image", str(image), "--attention-map", str(out), "--attention-token", "2"], "--attention-token 2: choose a generated token, 0..1"),
         "layer out of range": (["--image", str(image), "--attention-map", str(out), "--attention-layer", "2"], "--attention-layer 2: the decoder has layers 0..1"),
         "layer not a number": (["--image", str(image), "--attention-map", str(out), "--attention-layer", "last"], "give a layer number"),
+        "head out of range": (["--image", str(image), "--attention-map", str(out), "--attention-head", "4"], "--attention-head 4: the decoder has query heads 0..3"),
+        "head not a number": (["--image", str(image), "--attention-map", str(out), "--attention-head", "-1"], "give a head number"),
+        "head without a map": (["--image", str(image), "--attention-head", "0"], "--attention-head goes with --attention-map"),
         "two images": (["--image", str(image), "--image", str(image), "--attention-map", str(out)], "map one image; 2 --image"),
         "no image": (["--attention-map", str(out)], "map one image; 0 --image"),
         "token without a map": (["--image", str(image), "--attention-token", "0"], "--attention-token goes with --attention-map"),
@@ -440,7 +443,7 @@ def test_token_beyond_an_early_eos_is_refused(tiny_dir, tmp_path):
 
     image, _ = _coco_image()
     args = argparse.Namespace(model=str(tiny_dir), tokenizer=None, image=[str(image)], attention_map=str(tmp_path / "m.png"),
-                              vit_rollout=None, attention_token=1, attention_layer="mean")  # fmt: skip
+                              vit_rollout=None, attention_token=1, attention_layer="mean", attention_head="mean")  # fmt: skip
     model, tokenizer, encoder = _load(args)
     prompt = encoder.encode_prompt(args.image, "hi")
     eos = tokenizer.eos_token_id

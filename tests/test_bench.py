@@ -93,3 +93,45 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     if host_memory.huge_pages_possible():
         assert all(hm[p].startswith("huge pages") for p in ("jax-train", "jax-train-plain", "jax-decode")), hm
     assert "host memory (glibc malloc): " in proc.stdout
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr (sub-jaxprs included)."""
+    import numpy as np
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+            a = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2 * int(np.prod(out)) * int(np.prod([a[d] for d in lc]))
+        for sub in eqn.params.values():
+            for j in sub if isinstance(sub, (list, tuple)) else [sub]:
+                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+                    total += _dot_flops(j.jaxpr)
+                elif hasattr(j, "eqns"):
+                    total += _dot_flops(j)
+    return total
+
+
+@pytest.mark.parametrize("mp", ["pixel_shuffle_linear", "mlp", "resampler"])
+def test_projector_flops_are_the_traced_programs(mp):
+    """The bench's MFU counts each projector's matmul + attention FLOPs as the traced projector does them."""
+    import jax
+    import jax.numpy as jnp
+    from conftest import tiny_cfg
+    from flax import nnx
+
+    from cli.bench import projector_flops
+    from jaxvlm.modality_projector import build_projector
+    from jaxvlm.options import ModelOptions
+
+    extra = (
+        {"mp_resampler_queries": 5, "mp_image_token_length": 5, "mp_resampler_layers": 2} if mp == "resampler" else {}
+    )
+    cfg = tiny_cfg(mp_type=mp, **extra)
+    proj = build_projector(cfg, ModelOptions(kernels="plain"), rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, cfg.vit_n_patches, cfg.vit_hidden_dim))
+    traced = _dot_flops(jax.make_jaxpr(lambda x: proj(x))(x).jaxpr)
+    assert traced > 0 and projector_flops(cfg) == traced, (projector_flops(cfg), traced)

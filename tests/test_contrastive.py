@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,6 +299,67 @@ def test_sharded_siglip_equals_unchunked_on_four_devices():
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
+def test_heads_file_round_trips_in_both_frameworks_and_refuses_a_bad_one(tmp_path):
+    """RUN/model + contrastive_heads.safetensors (what pretrain-vision writes) load back bit-exact
+    in jaxvlm and in torch_ref, for both losses; a wrong shape, a missing bias, a NaN and a file
+    that is not a heads file are refused naming the problem, and nothing broken is written."""
+    from conftest import tiny_cfg
+    from flax import nnx
+
+    import torch_ref.contrastive as tc
+    from conversion.pretrained import HEADS_FILE, read_contrastive_heads, write_contrastive_heads
+    from conversion.safetensors_io import CheckpointError, save_safetensors
+    from jaxvlm import VisionLanguageModel
+    from jaxvlm.contrastive import ContrastiveModel, head_tensors, load_contrastive
+    from jaxvlm.pretrained import save_nanovlm
+
+    cfg = tiny_cfg()
+    for loss, seed in (("siglip", 3), ("infonce", 4)):
+        run = tmp_path / loss
+        vlm = VisionLanguageModel(cfg, rngs=nnx.Rngs(seed))
+        model = ContrastiveModel(cfg, loss, embed_dim=24, rngs=nnx.Rngs(seed + 1), vision_encoder=vlm.vision_encoder,
+                                 decoder=vlm.decoder)  # fmt: skip
+        model.logit_scale[...] = jnp.asarray(1.25 + seed, jnp.float32)  # not the initial values
+        if model.logit_bias is not None:
+            model.logit_bias[...] = jnp.asarray(-3.5, jnp.float32)
+        save_nanovlm(vlm, run / "model")
+        heads = head_tensors(model)
+        write_contrastive_heads(run / HEADS_FILE, cfg, heads, loss=loss, embed_dim=24)
+        loaded = load_contrastive(run)
+        assert loaded.loss_name == loss
+        for k, v in head_tensors(loaded).items():
+            assert np.array_equal(v, heads[k]), f"{loss}: {k} differs after the round trip"
+        images = jnp.asarray(
+            np.random.default_rng(seed).random((2, 3, cfg.vit_img_size, cfg.vit_img_size)), jnp.float32
+        )
+        assert np.array_equal(np.asarray(loaded.encode_images(images)), np.asarray(model.encode_images(images)))
+        twin = tc.load_contrastive(run)
+        for k, v in heads.items():
+            assert np.array_equal(twin.state_dict()[k].numpy(), v), f"{loss}: torch_ref's {k} differs"
+        assert twin.loss_name == loss and (twin.logit_bias is None) == (loss == "infonce")
+
+    run = tmp_path / "siglip"
+    good = read_contrastive_heads(run / HEADS_FILE, cfg)[2]
+    bad_cases = {
+        "wrong shape": (
+            {**good, "text_proj.weight": good["text_proj.weight"][:, :-1]},
+            {},
+            "text_proj.weight has shape",
+        ),
+        "missing bias": ({k: v for k, v in good.items() if k != "logit_bias"}, {}, "missing key(s): logit_bias"),
+        "NaN": ({**good, "logit_scale": np.asarray(np.nan, np.float32)}, {}, "'logit_scale' has 1 non-finite"),
+        "not heads": (good, {"loss": "hinge"}, "not a contrastive heads file"),
+    }
+    for what, (tensors, meta, needle) in bad_cases.items():
+        path = tmp_path / f"{what}.safetensors"
+        save_safetensors(path, tensors, metadata={"loss": "siglip", "embed_dim": "24", **meta})
+        with pytest.raises(CheckpointError, match=re.escape(needle)):
+            read_contrastive_heads(path, cfg)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        write_contrastive_heads(tmp_path / "out.safetensors", cfg, bad_cases["NaN"][0], loss="siglip", embed_dim=24)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_recall_zero_shot_and_chance_on_known_cases():
     from jaxvlm.contrastive import caption_categories, retrieval_chance, retrieval_recall, zero_shot_accuracy
 
@@ -363,6 +425,37 @@ def test_pretrain_on_coco_mini_learns_and_initialises_a_vlm(tmp_path):
     fresh = flat_state(build_model(RunConfig(seed=0)).vision_encoder)
     changed = [k for k in trained if not np.array_equal(fresh[k], trained[k])]
     assert len(changed) == len(trained), f"training left {set(trained) - set(changed)} unchanged"
+    _check_reloaded_run(tmp_path / "run", cfg, model, summary)
+
+
+def _check_reloaded_run(run, cfg, model, summary):
+    """RUN/model + RUN/contrastive_heads.safetensors rebuild the trained model: in jaxvlm its
+    held-out scores are the run's exactly (the same program on the same weights); torch_ref's
+    twin gives the same embeddings to MODEL_TOL."""
+    import torch
+
+    import torch_ref.contrastive as tc
+    from jaxvlm.contrastive import encode_captions, evaluate, head_tensors, load_contrastive, load_pairs, split_pairs
+    from jaxvlm.tokenizer import load_for_config
+
+    loaded = load_contrastive(run)
+    for k, v in head_tensors(model).items():
+        assert np.array_equal(v, head_tensors(loaded)[k]), f"reloaded head {k} differs from the trained one"
+    tokenizer = load_for_config(loaded.cfg, TOKENIZER)
+    _, held, _ = split_pairs(load_pairs(cfg.data, loaded.cfg, tokenizer), cfg.holdout, cfg.holdout_captions, cfg.seed)
+    assert evaluate(loaded, held, tokenizer, cfg.max_text_len) == summary["heldout"]["images"]
+    twin = tc.load_contrastive(run).eval()
+    ids, mask = encode_captions(tokenizer, [cs[0] for cs in held.captions], cfg.max_text_len)
+    with torch.no_grad():
+        t_img = twin.encode_images(torch.from_numpy(held.images)).numpy()
+        t_txt = twin.encode_texts(torch.from_numpy(ids).long(), torch.from_numpy(mask).long()).numpy()
+    j_img = np.asarray(loaded.encode_images(jnp.asarray(held.images)))
+    j_txt = np.asarray(loaded.encode_texts(jnp.asarray(ids), jnp.asarray(mask)))
+    for what, j, t in (("image", j_img, t_img), ("text", j_txt, t_txt)):
+        miss = float(np.max(np.abs(j - t)))  # unit vectors: max|ref| is ~1
+        assert miss <= MODEL_TOL, (
+            f"torch_ref's reloaded {what} embeddings miss jaxvlm's by {miss:.2e} (tol {MODEL_TOL})"
+        )
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

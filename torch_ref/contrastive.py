@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ class ContrastiveModel(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
         self.loss_name = loss
+        self.cfg = cfg
         E = embed_dim or cfg.lm_hidden_dim
         self.vision_encoder = vision_encoder if vision_encoder is not None else ViT(cfg)
         self.decoder = decoder if decoder is not None else LanguageModel(cfg)
@@ -73,3 +75,25 @@ class ContrastiveModel(nn.Module):
         if self.loss_name == "infonce":
             return infonce_loss(img, txt, self.logit_scale)
         return siglip_loss(img, txt, self.logit_scale, self.logit_bias)
+
+
+def load_contrastive(run_dir) -> ContrastiveModel:
+    """The trained model of a `jaxvlm pretrain-vision` run directory (`jaxvlm.contrastive.load_contrastive`'s
+    twin): the towers from `RUN/model`, the heads from `RUN/contrastive_heads.safetensors`."""
+    from pathlib import Path
+
+    from conversion.pretrained import HEADS_FILE, read_contrastive_heads
+
+    from .vision_language_model import VisionLanguageModel
+
+    run_dir = Path(run_dir)
+    vlm = VisionLanguageModel.from_pretrained(run_dir / "model")
+    loss, embed_dim, tensors = read_contrastive_heads(run_dir / HEADS_FILE, vlm.cfg)
+    model = ContrastiveModel(vlm.cfg, loss, embed_dim=embed_dim, vision_encoder=vlm.vision_encoder, decoder=vlm.decoder)
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith(("vision_encoder.", "decoder."))}
+    if heads.keys() != tensors.keys():  # read_contrastive_heads checked the file against the config
+        raise ValueError(f"contrastive heads {sorted(tensors)} do not match the model's {sorted(heads)}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            heads[k].copy_(torch.from_numpy(np.array(v, np.float32)))
+    return model
