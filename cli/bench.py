@@ -408,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--part-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="stop a part that runs longer than S seconds and report it as not finished (default 1800: "
+        "torch's bf16 CPU fallback on a CPU without bf16 instructions takes minutes per step)",
+    )
     p.add_argument("--json", type=Path, help="write all results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     p.add_argument(
@@ -438,8 +446,10 @@ def main_args(args) -> int:
         return 0
     if args.json:
         check_output_file(args.json, overwrite=args.overwrite, flag="--json")
+    if not args.part_timeout > 0:
+        raise ValueError(f"--part-timeout {args.part_timeout}: give a number of seconds > 0")
     cfg = config_of(args)
-    results = {}
+    results, timed_out = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         _write_checkpoint(cfg, args.seed, tmp)
         for part in args.parts:
@@ -473,15 +483,38 @@ def main_args(args) -> int:
                 *map(str, args.decode_batch),
             ]
             print(f"bench: {part} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=part_environment(part, args.host_memory))
+            proc = run_part_process(cmd, part_environment(part, args.host_memory), args.part_timeout)
+            if proc is None:
+                print(
+                    f"bench: {part} did not finish in {args.part_timeout:.0f} s; stopped", file=sys.stderr, flush=True
+                )
+                timed_out[part] = args.part_timeout
+                continue
             if proc.returncode != 0:
                 raise RuntimeError(f"bench part {part} failed:\n{proc.stderr[-3000:]}")
             results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = summarise(cfg, args, results)
+    report["timed_out_s"] = timed_out
     print(markdown(report))
     if args.json:
         atomic.write_text(args.json, json.dumps(report, indent=2))
     return 0
+
+
+def run_part_process(cmd: list, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+    """Run one part in its own process group; None when it ran past `timeout` seconds (then the
+    group, torch.compile's workers included, is killed)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def part_environment(part: str, host_memory: str) -> dict:
@@ -655,4 +688,6 @@ def markdown(rep: dict) -> str:
                 f"{d.get('jaxvlm_speedup', float('nan')):.2f}x | {d.get('same_tokens', '-')} | "
                 f"{(f'{frac * 100:.0f}%' if frac else '-')} |"
             )
+    for part, limit in rep.get("timed_out_s", {}).items():
+        lines.append(f"\n{part}: did not finish within {limit:.0f} s (--part-timeout); not measured")
     return "\n".join(lines)

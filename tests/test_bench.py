@@ -135,3 +135,37 @@ def test_projector_flops_are_the_traced_programs(mp):
     x = jnp.zeros((1, cfg.vit_n_patches, cfg.vit_hidden_dim))
     traced = _dot_flops(jax.make_jaxpr(lambda x: proj(x))(x).jaxpr)
     assert traced > 0 and projector_flops(cfg) == traced, (projector_flops(cfg), traced)
+
+
+def test_a_part_past_its_time_limit_is_stopped_with_its_children(tmp_path):
+    """--part-timeout: the part's whole process group is killed and the part reported as not finished."""
+    import os
+    import time
+
+    from cli.bench import run_part_process
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)"
+    )
+    t0 = time.monotonic()
+    assert run_part_process([sys.executable, "-c", script], dict(os.environ), timeout=3.0) is None
+    assert time.monotonic() - t0 < 60
+    child = int(pid_file.read_text())
+
+    def alive(pid):  # a zombie (killed, not yet reaped by whoever adopted it) is not alive
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the part's child {child} survived the timeout")
+    done = run_part_process([sys.executable, "-c", "print('{}')"], dict(os.environ), timeout=60.0)
+    assert done.returncode == 0 and done.stdout.strip() == "{}"
