@@ -416,8 +416,8 @@ def test_pretrain_on_coco_mini_learns_and_initialises_a_vlm(tmp_path):
         assert caps[k] >= 2 * caps[f"chance_{k}"], (
             f"unseen captions {k} {caps[k]:.3f}, chance {caps['chance_' + k]:.3f}"
         )
-    # Unseen photos are recorded, not asserted: 41 training photos with nearly disjoint COCO
-    # categories do not teach a from-scratch model anything that transfers, and its scores there
+    # Unseen photos are recorded, not asserted: 41 training photos (45 COCO categories, 24 of them
+    # in one photo only) do not teach a from-scratch model anything that transfers, and its scores
     # sit at chance (t2i recall@5 0.52-0.64 against 0.50 over the settings tried, README): an
     # assertion on them would test the float rounding of the machine, not the code.
     assert all(0.0 <= images[k] <= 1.0 for k in ("i2t_recall@1", "t2i_recall@1", "i2t_recall@5", "t2i_recall@5"))
