@@ -28,7 +28,7 @@ glibc's defaults. The report names each part's setting.
 Step times are medians over --steps after warm-up, each step synchronised (the loss is read
 back); compile time is the first call's time minus a step's. MFU = model FLOPs per step
 (analytic: 3x the forward's matmul and attention FLOPs) / step time / measured matmul FLOP/s
-in the run's dtype: against the best square GEMM (2048^3 on a CPU, 8192^3 on a GPU) any
+in the run's dtype: against the best square GEMM (2048^3 on a CPU, 8192^3 on a GPU; `--gemm-size`) any
 framework reached in the matmul part (the headline), and against the contender's own
 framework's GEMM (jax's for jaxvlm, torch's for torch_ref). Peak memory: the process's peak
 RSS, and on a GPU the device's peak bytes in use.
@@ -159,7 +159,7 @@ def part_matmul(args, cfg) -> dict:
     import torch
 
     on_cpu = jax.default_backend() == "cpu"
-    n = 2048 if on_cpu else 8192
+    n = args.gemm_size or (2048 if on_cpu else 8192)
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     flops = 2 * n**3
     device = torch_device()
@@ -409,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--gemm-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="side of the square GEMM yardstick (default 0: 2048 on a CPU, 8192 on a GPU)",
+    )
+    p.add_argument(
         "--part-timeout",
         type=float,
         default=1800.0,
@@ -448,6 +455,8 @@ def main_args(args) -> int:
         check_output_file(args.json, overwrite=args.overwrite, flag="--json")
     if not args.part_timeout > 0:
         raise ValueError(f"--part-timeout {args.part_timeout}: give a number of seconds > 0")
+    if args.gemm_size < 0:
+        raise ValueError(f"--gemm-size {args.gemm_size}: give a side > 0 (or 0: the default)")
     cfg = config_of(args)
     results, timed_out = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -476,6 +485,8 @@ def main_args(args) -> int:
                 str(args.repeats),
                 "--seed",
                 str(args.seed),
+                "--gemm-size",
+                str(args.gemm_size),
                 "--dtype",
                 args.dtype,
                 *(["--remat"] if args.remat else []),

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench(args, out: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jaxvlm", "bench", "--preset", args.preset, "--seq-len", str(args.seq_len),
             "--steps", str(args.steps), "--repeats", "2", "--json", str(out / f"{name}.json"), "--overwrite",
-            *extra]  # fmt: skip
+            *(["--gemm-size", "256"] if args.smoke else []), *extra]  # fmt: skip
 
 
 def commands(args, out: Path) -> dict[str, list[str]]:

@@ -45,6 +45,8 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
         "12",
         "--repeats",
         "1",
+        "--gemm-size",
+        "512",
         "--json",
         str(out),
     ]
@@ -54,6 +56,7 @@ def test_bench_runs_and_contenders_do_the_same_work(tmp_path):
     rep = json.loads(out.read_text())
 
     m = rep["matmul"]
+    assert m["n"] == 512  # --gemm-size
     for key in ("peak_gflops", "gflops_jax", "gflops_torch", "gflops_numpy", "bandwidth_gb_s", "read_bandwidth_gb_s"):
         assert m[key] > 0, key
     assert m["peak_gflops"] == max(m["gflops_jax"], m["gflops_torch"], m["gflops_numpy"])

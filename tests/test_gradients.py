@@ -59,7 +59,7 @@ def test_gradients_every_parameter(seed, tie):
     def loss_fn(model):
         return jaxvlm.cross_entropy(model(ids, images, mask), targets)
 
-    loss_j, grads = nnx.value_and_grad(loss_fn)(jmodel)
+    loss_j, grads = nnx.jit(nnx.value_and_grad(loss_fn))(jmodel)  # jitted: one compile, not one per op
     gflat = {tuple(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
 
     name = f"gradients[seed={seed},tied={tie}]"

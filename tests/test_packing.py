@@ -128,8 +128,14 @@ def _flat_grads(grads) -> dict:
     return {tuple(path): np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(grads)}
 
 
+@nnx.jit
+def _value_and_grad(model, batch):
+    return nnx.value_and_grad(loss_fn)(model, batch)
+
+
 def _jax_loss_and_grads(model, batch):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    """Jitted (one compile per batch shape; the op-by-op form spent minutes compiling each op for each shape)."""
+    loss, grads = _value_and_grad(model, batch)
     return float(loss), _flat_grads(grads)
 
 
