@@ -25,7 +25,8 @@ After training the run writes `model/`, a nanoVLM checkpoint whose ViT and decod
 trained towers (the projector as initialised): `jaxvlm train --init-from RUN/model` starts a VLM
 from it; and `contrastive_heads.safetensors` (the projections, t' and b, torch layout):
 `load_contrastive(RUN)` rebuilds the trained model in either framework, so its embeddings,
-recall and zero-shot scores can be recomputed. Shapes: B pairs, N patches, D vision width, H language width, T text length, E embedding.
+recall and zero-shot scores can be recomputed.
+Shapes: B pairs, N patches, D vision width, H language width, T text length, E embedding.
 """
 
 from __future__ import annotations
