@@ -20,9 +20,9 @@ seeded batch:
   torch-decode  torch_ref.generate (eager, KV cache), the same prompts
 
 Host memory (`--host-memory`, see jaxvlm.host_memory): `tuned` (default) runs each framework
-under the glibc malloc setting that suits it: jaxvlm with huge-page scratch buffers (what the
-jaxvlm CLI does), torch_ref with freed memory kept in the heap (its fastest where measured: see
-docs/performance.md). `default` runs every part with
+under the glibc malloc setting that suits it: jaxvlm with huge-page scratch buffers kept in the
+heap (what the jaxvlm CLI does), torch_ref with freed memory kept in the heap, without huge pages
+(its fastest where measured: see docs/performance.md). `default` runs every part with
 glibc's defaults. The report names each part's setting.
 
 Step times are medians over --steps after warm-up, each step synchronised (the loss is read
@@ -541,7 +541,7 @@ def part_environment(part: str, host_memory: str) -> dict:
         if part.startswith("torch"):
             env.update(hm.HEAP_RETAINING_ENV)
         elif hm.huge_pages_possible():
-            env = hm.with_huge_pages(env)
+            env = hm.tuned_environment(env)
     return env
 
 
@@ -550,8 +550,9 @@ def host_memory_setting() -> str:
     from jaxvlm import host_memory as hm
 
     if hm.huge_pages_enabled():
-        return f"huge pages (THP {hm.transparent_huge_pages()})"
-    if all(os.environ.get(k) == v for k, v in hm.HEAP_RETAINING_ENV.items()):
+        retained = ", heap retained" if hm.heap_retained() else ""
+        return f"huge pages (THP {hm.transparent_huge_pages()}){retained}"
+    if hm.heap_retained():
         return "heap retained"
     return "glibc defaults"
 
