@@ -113,4 +113,6 @@ def test_bench_part_environments(monkeypatch):
     jax_env = part_environment("jax-train", "tuned")
     assert host_memory.huge_pages_enabled(jax_env) == host_memory.huge_pages_possible()
     assert host_memory.heap_retained(jax_env) == host_memory.huge_pages_possible()
-    assert jax_env["MALLOC_ARENA_MAX"] != "4" if host_memory.huge_pages_possible() else "MALLOC_ARENA_MAX" not in jax_env
+    assert (
+        jax_env["MALLOC_ARENA_MAX"] != "4" if host_memory.huge_pages_possible() else "MALLOC_ARENA_MAX" not in jax_env
+    )
