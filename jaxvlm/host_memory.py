@@ -8,8 +8,8 @@ the weights land in huge pages too: fewer TLB misses while decoding streams them
 heap-retaining variables (`HEAP_RETAINING_ENV`: no mmap'd chunks, no trimming, one arena) keep
 freed memory in the heap, so the next step reuses the same, already faulted-in pages. With the
 tunable alone each step still faulted its scratch back in, 2 MiB at a time, and zeroing those
-pages cost seconds of kernel time per nanovlm-222m step on one machine (docs/performance.md,
-"Host memory"). The price: the process's resident memory stays at its peak.
+pages cost seconds of kernel time per nanovlm-222m step on one machine (docs/performance.md, the
+session 10 section). The price: the process's resident memory stays at its peak.
 
 glibc reads both only when a process starts, so the `jaxvlm` CLI re-executes itself once with
 them added (`tuned_environment`), for train, eval and generate (`jaxvlm bench` sets each part's
